@@ -1,0 +1,5 @@
+import sys
+
+from sdd_search.cli import main
+
+sys.exit(main())

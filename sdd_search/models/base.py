@@ -1,0 +1,50 @@
+"""The uniform model API every network in :mod:`sdd_search.models` answers.
+
+SDD needs two things from a classifier: its last feature map (B x C x H x W, after the final
+activation, before global pooling) and its head (a module mapping pooled vectors ``(..., C)``
+to logits ``(..., K)``). :class:`DistillModel` gives both from one forward pass, timm-style.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def global_average_pool(features: Tensor) -> Tensor:
+    """Average a feature map B x C x H x W over its spatial dims into B x C vectors.
+
+    A plain mean over (H, W) rather than ``nn.AvgPool2d``: it works for any map size and for
+    channels_last tensors alike.
+    """
+    return features.mean((2, 3))
+
+
+class DistillModel(nn.Module):
+    """A classifier split into a feature extractor and a head over globally pooled features.
+
+    Subclasses implement :meth:`forward_features` and :meth:`get_classifier` and set
+    ``num_classes`` (K) and ``num_features`` (C, the channels of the feature map).
+
+    ``forward(x)`` returns ``(logits, features)``: the global logits B x K and the feature map
+    B x C x H x W they were computed from, so SDD's cell logits cost no second pass.
+    """
+
+    num_classes: int
+    num_features: int
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images B x 3 x H x W -> the last feature map B x C x H' x W'."""
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        """The head: a module mapping pooled feature vectors (..., C) to logits (..., K)."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Feature map B x C x H x W -> global logits B x K (mean-pool, then the head)."""
+        return self.get_classifier()(global_average_pool(features))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images -> (global logits B x K, feature map B x C x H' x W') in one pass."""
+        features = self.forward_features(x)
+        return self.forward_head(features), features

@@ -1,0 +1,668 @@
+"""The search: Ray Tune + Optuna choose SDD's knobs, Ray Train trains each trial, MLflow records.
+
+Data flow (shared/DESIGN.md): spec -> Tuner(OptunaSearch, ASHA) -> per trial a TorchTrainer
+running :func:`sdd_search.train.run_trial` on every worker -> metrics + a checkpoint each epoch
+-> MLflow (a Tune callback in this driver process) -> leaderboard and registered students.
+
+Ray stays at the edges: the model, loss and loop are plain PyTorch in train.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.tune import Callback
+
+from sdd_search.config import TrialConfig
+from sdd_search.spec import BASE_SPECIFIC, SEARCHABLE, Spec, resolved_plan
+from sdd_search.tracking import SearchTracker, flatten
+
+REFERENCE_NAMES = ("baseline", "kd")  # a student on labels only, and plain KD (scales [1])
+ROLE_KEY = "sdd_role"
+TRIAL_KEY = "sdd_trial"
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or continue; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# The search space
+
+
+def encode_choice(knob: str, value: Any) -> Any:
+    """Optuna's categorical choices must be scalars: scale sets travel as "1,2,4"."""
+    return ",".join(str(int(m)) for m in value) if knob == "scales" else value
+
+
+def decode_choice(knob: str, value: Any) -> Any:
+    if knob == "scales" and isinstance(value, str):
+        return [int(m) for m in value.split(",")]
+    return value
+
+
+class SpaceSampler:
+    """Optuna define-by-run space: base-specific knobs are only sampled for their base.
+
+    A plain class (not a closure) because Tune pickles the searcher into its experiment state.
+    """
+
+    def __init__(self, space: dict[str, dict], fixed_base: str):
+        self.space = space
+        self.fixed_base = fixed_base
+
+    def __call__(self, trial) -> None:
+        base = self.fixed_base
+        ordered = sorted(self.space, key=lambda k: k != "base")  # base first: others depend on it
+        for knob in ordered:
+            space = self.space[knob]
+            if knob in BASE_SPECIFIC and BASE_SPECIFIC[knob] != base:
+                continue
+            if space.get("choices") is not None:
+                value = trial.suggest_categorical(knob, [encode_choice(knob, c) for c in space["choices"]])
+            elif space.get("type") == "int":
+                value = trial.suggest_int(
+                    knob, int(space["low"]), int(space["high"]), step=int(space.get("step") or 1), log=space["log"]
+                )
+            else:
+                step = space.get("step")
+                value = trial.suggest_float(
+                    knob, space["low"], space["high"], log=space["log"], step=None if space["log"] else step
+                )
+            if knob == "base":
+                base = value
+        return None
+
+
+def baseline_point(spec: Spec) -> dict[str, Any]:
+    """The spec's own values for every searched knob: evaluated first."""
+    trial = spec.trial
+    point = {}
+    for knob in spec.space:
+        section = getattr(trial, SEARCHABLE[knob])
+        point[knob] = encode_choice(knob, getattr(section, knob))
+    return point
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> TrialConfig:
+    """The spec's trial with the sampled knobs applied."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+    for knob, value in params.items():
+        if knob in SEARCHABLE:
+            tree[SEARCHABLE[knob]][knob] = decode_choice(knob, value)
+    return TrialConfig.model_validate(tree)
+
+
+def reference_config(base: dict, name: str) -> TrialConfig:
+    tree = {section: dict(values) for section, values in base.items()}
+    if name == "baseline":
+        tree["distill"]["method"] = "none"
+    else:  # plain KD on global logits, the paper's comparison point
+        tree["distill"].update(method="sdd", base="kd", scales=[1], complementary_weight=1.0)
+    return TrialConfig.model_validate(tree)
+
+
+def searched_params(config: dict) -> dict[str, Any]:
+    return {k: decode_choice(k, v) for k, v in config.items() if k in SEARCHABLE}
+
+
+# --------------------------------------------------------------------------------------------
+# What runs on the cluster
+
+
+def _teacher_state(trial: TrialConfig) -> dict | None:
+    """The teacher's weights as numpy arrays: read zero-copy from each node's object store."""
+    from sdd_search.data import dataset_info
+    from sdd_search.teacher import ensure_teacher, load_teacher
+
+    if trial.distill.method == "none" and trial.teacher.source != "torchvision":
+        return None
+    info = dataset_info(trial.data.dataset, trial.data.root, trial.data.image_size)
+    if trial.data.dataset == "synthetic":
+        info_classes = trial.data.synthetic_num_classes
+    else:
+        info_classes = info.num_classes
+    teacher = load_teacher(trial.teacher, info_classes, ensure_teacher(trial))
+    return {k: v.detach().cpu().numpy() for k, v in teacher.state_dict().items()}
+
+
+def _teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
+    import torch
+
+    from sdd_search.models import create_model
+
+    teacher = create_model(trial.teacher.model, num_classes=num_classes)
+    teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, run_trial
+
+    trial = TrialConfig.model_validate(loop_config["trial"])
+    teacher = None
+    if trial.distill.method == "sdd":
+        state = ray.get(loop_config["teacher"]["ref"])
+        teacher = _teacher_from_state(trial, state, loop_config["num_classes"])
+
+    def report(metrics: dict, write_checkpoint) -> None:
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(Path(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_from = None
+        if checkpoint is not None:
+            directory = stack.enter_context(checkpoint.as_directory())
+            resume_from = Path(directory) / CHECKPOINT_FILE
+        try:
+            run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
+        except NonFiniteLossError as error:
+            # A diverged trial is an outcome, not a crash: retrying it would diverge again.
+            ray.train.report({"nonfinite_loss": 1.0, "stop_reason": str(error), "epoch": -1})
+
+
+def _trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
+    """Tune trainable: one trial = one Ray Train run (data-parallel over the spec's workers)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    setup = setup or {}
+    role = config.get(ROLE_KEY, "search")
+    if role == "search":
+        trial = trial_config(config[TRIAL_KEY], searched_params(config))
+    else:
+        trial = reference_config(config[TRIAL_KEY], role)
+    resources = setup["resources"]
+    per_worker = {"CPU": resources["cpus_per_worker"], **resources["custom"]}
+    if resources["gpus_per_worker"] > 0:
+        per_worker["GPU"] = resources["gpus_per_worker"]
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"trial": trial.model_dump(mode="json"), "teacher": teacher, "num_classes": setup["num_classes"]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=resources["gpus_per_worker"] > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            # Same name + storage after a restart: Train restores its latest checkpoint.
+            name=f"{setup['name']}-{trial_id}",
+            storage_path=setup["train_storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=resources["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow from the driver
+
+
+class MlflowTrialCallback(Callback):
+    """Tune callback: a nested MLflow run per trial with params, per-epoch metrics and status.
+
+    Picklable (Tune stores its callbacks in the experiment state): the MLflow client is made
+    lazily from plain settings.
+    """
+
+    def __init__(self, uri: str, experiment: str, search_id: str, epochs: int, base_trial: dict):
+        self.uri, self.experiment, self.search_id = uri, experiment, search_id
+        self.epochs = epochs
+        self.base_trial = base_trial
+        self._tracker: SearchTracker | None = None
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self) -> SearchTracker:
+        if self._tracker is None:
+            self._tracker = SearchTracker(self.uri, self.experiment, self.search_id)
+            self._tracker.start_parent("", {}, "", "")
+        return self._tracker
+
+    def _run(self, trial) -> str:
+        config = trial.config
+        role = config.get(ROLE_KEY, "search")
+        if role == "search":
+            trial_cfg = trial_config(config[TRIAL_KEY], searched_params(config))
+            name = f"trial-{trial.trial_id}"
+        else:
+            trial_cfg = reference_config(config[TRIAL_KEY], role)
+            name = f"reference-{role}"
+        params = {
+            **{f"knob.{k}": v for k, v in searched_params(config).items()},
+            **flatten(trial_cfg.model_dump(mode="json")),
+        }
+        return self.tracker.trial_run(trial.trial_id, name, "trial" if role == "search" else "reference", params)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        self.timings.setdefault(trial.trial_id, {"start": time.time()})
+        self.tracker.set_tags(run_id, {"sdd_search.status": "running", "ray.trial_path": trial.path or ""})
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self.on_trial_start(iteration, trials, trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run(trial)
+        if result.get("nonfinite_loss"):
+            return
+        keep = {k: v for k, v in result.items() if k in _LOGGED_METRICS}
+        self.tracker.log_epoch(run_id, keep, step=int(result.get("epoch", 0)), timestamp_ms=int(time.time() * 1000))
+        if result.get("node_ip"):
+            self.tracker.set_tags(run_id, {"sys.node_ip": result["node_ip"], "sys.hostname": result.get("hostname", "")})
+        timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
+        timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(result.get("epoch_seconds", 0.0))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        last = trial.last_result or {}
+        epoch = int(last.get("epoch", 0) or 0)
+        timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
+        timing["end"] = time.time()
+        if last.get("nonfinite_loss"):
+            self.tracker.end_trial(run_id, "STOPPED", last.get("stop_reason", "non-finite loss"))
+        elif epoch >= self.epochs:
+            self.tracker.end_trial(run_id, "COMPLETED")
+        else:
+            self.tracker.end_trial(
+                run_id, "STOPPED", f"early-stopped by the scheduler after epoch {epoch} of {self.epochs}"
+            )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        self.tracker.end_trial(run_id, "FAILED", _error_summary(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        self.tracker.set_tags(run_id, {"sdd_search.retried": "yes", "sdd_search.last_error": _error_summary(trial)})
+
+
+_LOGGED_METRICS = {
+    "train_loss",
+    "train_ce",
+    "train_kd",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "best_val_top1",
+    "lr",
+    "epoch_seconds",
+    "train_images_per_second",
+}
+
+
+def _error_summary(trial) -> str:
+    """The last meaningful line of a trial's error (the exception), for a one-line reason."""
+    text = ""
+    try:
+        path = trial.error_file
+        if path and os.path.exists(path):
+            text = Path(path).read_text()
+    except Exception:
+        text = ""
+    if not text:
+        error = getattr(trial, "get_error", lambda: None)()
+        text = str(error or "unknown error")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:1000]
+    return (lines[-1] if lines else "unknown error")[:1000]
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class SearchOutcome:
+    experiment_path: str
+    parent_run_id: str
+    leaderboard: list[dict[str, Any]]
+    best_student_path: str | None
+    registered: list[tuple[str, str]] = field(default_factory=list)  # (trial_id, version)
+    tracking_uri: str = ""
+    wall_seconds: float = 0.0
+    overhead: dict[str, float] = field(default_factory=dict)
+
+
+def _setup(spec: Spec, num_classes: int) -> dict:
+    return {
+        "name": spec.name,
+        "resources": spec.resources.model_dump(),
+        "train_storage": f"{spec.experiment_path()}/train",
+        "num_classes": num_classes,
+    }
+
+
+def _tune_config(spec: Spec):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=spec.search.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=spec.search.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=spec.search.seed),
+    }[spec.search.sampler]()
+    space = {k: v.model_dump() for k, v in spec.space.items()}
+    searcher = None
+    if space:
+        searcher = OptunaSearch(
+            space=SpaceSampler(space, spec.distill.base),
+            metric=spec.search.metric,
+            mode=spec.search.mode,
+            sampler=sampler,
+            points_to_evaluate=[baseline_point(spec)] if spec.search.baseline_first else None,
+        )
+    if spec.search.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.train.epochs,
+            grace_period=spec.search.grace_period,
+            reduction_factor=spec.search.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=spec.search.num_trials,
+        max_concurrent_trials=spec.search.max_concurrent,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
+    )
+
+
+def _trial_name(trial) -> str:
+    role = trial.config.get(ROLE_KEY, "search")
+    return f"{role}-{trial.trial_id}" if role != "search" else f"trial-{trial.trial_id}"
+
+
+def _fit(name: str, spec: Spec, trainable, param_space: dict, tune_config, callback, resume: bool):
+    """Start or resume one Tune experiment under the spec's storage."""
+    from ray import tune
+
+    path = f"{spec.experiment_path()}/{name}"
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise SearchError(
+                f"search {spec.name!r} already exists at {path}; run again with --resume to continue "
+                f"it, or change name: / --set name=... to start another"
+            )
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
+        )
+        # The restored run config holds an unpickled copy of the callback; use this run's.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=spec.experiment_path(),
+                callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                verbose=1,
+            ),
+        )
+    return tuner.fit()
+
+
+def _rows(results, role_of) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        frame = result.metrics_dataframe
+        best = float(frame["val_top1"].max()) if frame is not None and "val_top1" in frame else float("nan")
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", ""),
+                "role": role_of(config),
+                "status": "error" if result.error else ("nan" if metrics.get("nonfinite_loss") else "done"),
+                "epochs": int(metrics.get("epoch", 0) or 0),
+                "val_top1": float(metrics.get("val_top1", float("nan"))),
+                "best_val_top1": best,
+                "params": searched_params(config),
+                "checkpoint": metrics.get("checkpoint_path"),
+            }
+        )
+    return rows
+
+
+def format_leaderboard(rows: list[dict[str, Any]], metric_name: str = "val_top1") -> str:
+    header = f"{'rank':>4}  {'trial':<18} {'epochs':>6} {'final top-1':>11} {'best top-1':>10}  knobs"
+    lines = [header, "-" * len(header)]
+    for rank, row in enumerate(rows, 1):
+        knobs = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items()) or "(spec values)"
+        name = row["trial"] if row["role"] == "search" else f"[{row['role']}]"
+        lines.append(
+            f"{rank:>4}  {name:<18} {row['epochs']:>6} {row['val_top1']:>10.2f}% {row['best_val_top1']:>9.2f}%  "
+            f"{knobs}{'' if row['status'] == 'done' else '  (' + row['status'] + ')'}"
+        )
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _sort_key(mode: str):
+    def key(row):
+        value = row["val_top1"]
+        if math.isnan(value):
+            return math.inf
+        return -value if mode == "max" else value
+
+    return key
+
+
+def run_search(
+    spec: Spec,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    spec_text: str = "",
+    log=print,
+) -> SearchOutcome:
+    """Run (or resume) the whole search described by ``spec``."""
+    import ray
+
+    from sdd_search.data import dataset_info
+
+    started = time.time()
+    experiment_path = spec.experiment_path()
+    search_path = f"{experiment_path}/search"
+    if not resume and _exists(search_path):
+        raise SearchError(
+            f"search {spec.name!r} already exists at {experiment_path}; run again with --resume to "
+            f"continue it, or --set name=... to start another"
+        )
+    if resume and not _exists(search_path):
+        raise SearchError(f"--resume: no search {spec.name!r} at {experiment_path} to resume (drop --resume to start it)")
+
+    log(resolved_plan(spec))
+    trial = spec.trial
+    info = dataset_info(trial.data.dataset, trial.data.root, trial.data.image_size)
+    num_classes = trial.data.synthetic_num_classes if trial.data.dataset == "synthetic" else info.num_classes
+
+    # Teacher first (trained once and cached), in this process: every trial reuses it.
+    teacher_state = _teacher_state(trial.model_copy(update={"distill": trial.distill.model_copy(update={"method": "sdd"})}))
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="warning")
+    teacher = {"ref": ray.put(teacher_state)} if teacher_state is not None else None
+
+    from ray import tune
+
+    tracker = SearchTracker(spec.tracking.uri, spec.experiment_name, experiment_path, spec.tracking.artifact_location)
+    parent_run_id = tracker.start_parent(
+        spec.name, spec.model_dump(mode="json"), spec_text, resolved_plan(spec)
+    )
+    base_trial = trial.model_dump(mode="json")
+    callback = MlflowTrialCallback(tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial)
+    trainable = tune.with_parameters(_trial_driver, teacher=teacher, setup=_setup(spec, num_classes))
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})  # the driver only waits on its workers
+
+    status = "FAILED"
+    try:
+        reference_rows: list[dict] = []
+        if spec.search.references:
+            reference_results = _fit(
+                "references",
+                spec,
+                trainable,
+                {TRIAL_KEY: base_trial, ROLE_KEY: tune.grid_search(list(REFERENCE_NAMES))},
+                tune.TuneConfig(
+                    max_concurrent_trials=spec.search.max_concurrent,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                callback,
+                resume=resume and _exists(f"{experiment_path}/references"),
+            )
+            reference_rows = _rows(reference_results, lambda c: c.get(ROLE_KEY, "search"))
+        search_results = _fit(
+            "search",
+            spec,
+            trainable,
+            {TRIAL_KEY: base_trial, ROLE_KEY: "search"},
+            _tune_config(spec),
+            callback,
+            resume=resume,
+        )
+        search_rows = sorted(_rows(search_results, lambda c: "search"), key=_sort_key(spec.search.mode))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.finish_parent("KILLED" if status == "KILLED" else "FAILED")
+
+    rows = search_rows + reference_rows
+    text = format_leaderboard(rows)
+    tracker.log_leaderboard(
+        [{k: v for k, v in r.items() if k != "params"} | {"params": str(r["params"])} for r in rows], text
+    )
+    registered, best_path = _register_best(spec, tracker, search_rows, info, num_classes, log)
+    wall = time.time() - started
+    overhead = _overhead(callback, search_rows + reference_rows)
+    if overhead:
+        tracker.client.log_metric(parent_run_id, "orchestration_overhead_fraction", overhead["fraction"])
+    tracker.client.log_metric(parent_run_id, "search_wall_seconds", wall)
+    tracker.finish_parent("FINISHED")
+    return SearchOutcome(
+        experiment_path=experiment_path,
+        parent_run_id=parent_run_id,
+        leaderboard=rows,
+        best_student_path=best_path,
+        registered=registered,
+        tracking_uri=tracker.uri,
+        wall_seconds=wall,
+        overhead=overhead,
+    )
+
+
+def _exists(path: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(path)
+
+
+def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, float]:
+    """Trial wall time minus time inside the training loop, over trials timed in this run."""
+    walls, loops = [], []
+    for timing in callback.timings.values():
+        if "end" in timing and timing.get("loop_seconds"):
+            walls.append(timing["end"] - timing["start"])
+            loops.append(timing["loop_seconds"])
+    if not walls:
+        return {}
+    per_trial = [w - ell for w, ell in zip(walls, loops, strict=True)]
+    return {
+        "trials_timed": float(len(walls)),
+        "median_trial_wall_s": float(np.median(walls)),
+        "median_overhead_s": float(np.median(per_trial)),
+        "fraction": float(sum(per_trial) / sum(walls)),
+    }
+
+
+def _load_student(checkpoint_path: str):
+    import ray.train
+
+    from sdd_search.models import create_model
+    from sdd_search.train import load_checkpoint
+
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as directory:
+        state = load_checkpoint(directory)
+    model = create_model(state["model_name"], num_classes=state["num_classes"])
+    model.load_state_dict(state["student"])
+    return model.eval(), state
+
+
+def _register_best(spec: Spec, tracker: SearchTracker, rows: list[dict], info, num_classes: int, log):
+    """Log the top-k students as MLflow models, register them, alias the best one."""
+    from sdd_search.teacher import save_model_file
+
+    registered: list[tuple[str, str]] = []
+    best_path = None
+    candidates = [r for r in rows if r["checkpoint"] and r["status"] == "done" and not math.isnan(r["val_top1"])]
+    size = info.image_size
+    example = np.zeros((2, info.channels, size, size), dtype=np.float32)
+    for rank, row in enumerate(candidates[: spec.search.top_k]):
+        run_id = tracker.run_id_of(row["trial"])
+        if run_id is None:
+            continue
+        model, _ = _load_student(row["checkpoint"])
+        if rank == 0 and "://" not in spec.experiment_path():
+            best_path = f"{spec.experiment_path()}/best_student.pt"
+            save_model_file(best_path, model, spec.student.model, num_classes)
+        version = tracker.register_student(run_id, model, example, spec.registered_model_name)
+        tracker.set_tags(run_id, {"sdd_search.registered_version": version, "sdd_search.rank": rank + 1})
+        registered.append((row["trial"], version))
+        if rank == 0:
+            tracker.set_alias(spec.registered_model_name, spec.tracking.alias, version)
+    return registered, best_path

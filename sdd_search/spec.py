@@ -1,0 +1,392 @@
+"""The search spec: one YAML file says what to distil, what to search and where to keep it.
+
+``load_spec(path, overrides)`` validates everything before any trial starts; every mistake is a
+:class:`SpecError` whose message is one line naming the file, the field and what was expected::
+
+    search_spaces/x.yaml: search.num_trials: expected an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from sdd_search.config import (
+    PRESETS,
+    DataConfig,
+    DistillConfig,
+    StrictModel,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    TrialConfig,
+)
+from sdd_search.sdd import BASE_LOSSES, validate_scales
+
+
+class SpecError(ValueError):
+    """A spec mistake; ``str(error)`` is the one-line message for the user."""
+
+
+# Searchable knobs -> the section of TrialConfig that holds them.
+SEARCHABLE: dict[str, str] = {
+    "scales": "distill",
+    "base": "distill",
+    "temperature": "distill",
+    "complementary_weight": "distill",
+    "dkd_alpha": "distill",
+    "dkd_beta": "distill",
+    "nkd_gamma": "distill",
+    "ce_weight": "distill",
+    "kd_weight": "distill",
+    "warmup_epochs": "distill",
+    "lr": "train",
+    "weight_decay": "train",
+    "momentum": "train",
+}
+# Knobs that only matter for one base loss: sampled only when that base is chosen.
+BASE_SPECIFIC = {"dkd_alpha": "dkd", "dkd_beta": "dkd", "nkd_gamma": "nkd"}
+
+
+class ParamSpace(StrictModel):
+    """One searched knob: a range (low/high, optional log and step) or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    type: Literal["float", "int"] = "float"
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpace:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("expected low and high (a range) or choices (a list)")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class ResourcesConfig(StrictModel):
+    """What one trial asks of the cluster (Ray Train's ScalingConfig)."""
+
+    workers: int = Field(1, ge=1, description="data-parallel workers per trial")
+    gpus_per_worker: float = Field(0.0, ge=0, description="0 = CPU; a fraction packs trials")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="e.g. {gpu_1x: 1}")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class SearchConfig(StrictModel):
+    metric: str = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    num_trials: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    seed: int = 0
+    baseline_first: bool = Field(True, description="evaluate the spec's own values first")
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs before ASHA may stop a trial")
+    reduction_factor: float = Field(3.0, gt=1)
+    max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
+    top_k: int = Field(3, ge=0, description="best students logged and registered in MLflow")
+    references: bool = Field(True, description="also train a baseline and a plain-KD student")
+
+
+class TrackingConfig(StrictModel):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    experiment: str | None = Field(None, description="None = sdd-search/<name>")
+    registered_model: str | None = Field(None, description="None = <name>-student")
+    alias: str = "champion"
+    artifact_location: str | None = None
+
+
+class Spec(BaseModel):
+    """A whole search: the trial it starts from, the space around it, and where things go."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field("sdd-search", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    preset: Literal["cifar100", "imagenet"] | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    space: dict[str, ParamSpace] = Field(default_factory=dict)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: str = Field("./sdd_runs", description="local folder or s3://bucket/prefix")
+
+    @property
+    def trial(self) -> TrialConfig:
+        return TrialConfig(
+            data=self.data, teacher=self.teacher, student=self.student, distill=self.distill, train=self.train
+        )
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"sdd-search/{self.name}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"{self.name}-student"
+
+    def storage_uri(self) -> str:
+        """Absolute local path or the remote URI as given."""
+        if "://" in self.storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())
+
+    def experiment_path(self) -> str:
+        return f"{self.storage_uri().rstrip('/')}/{self.name}"
+
+
+def _describe_error(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    message = error["msg"].removeprefix("Value error, ")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown field (check the spelling; see search_spaces/quickstart.yaml)"
+    elif kind == "literal_error":
+        message = message.replace("Input should be", "expected")
+    elif "input" in error and kind not in ("missing",):
+        got = error["input"]
+        if not isinstance(got, dict | list) or len(repr(got)) < 60:
+            message = f"{message}, got {got!r}"
+    return f"{location or '(top level)'}: {message}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``search.num_trials=64`` -> ("search.num_trials", 64); the value is parsed as YAML."""
+    if "=" not in text:
+        raise SpecError(f"--set {text}: expected FIELD=VALUE, e.g. --set search.num_trials=64")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise SpecError(f"--set {text}: expected FIELD=VALUE, e.g. --set search.num_trials=64")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _apply_preset(raw: dict) -> dict:
+    """Start train/distill from a paper recipe; the file's own values win."""
+    preset = raw.get("preset")
+    if preset not in PRESETS:
+        return raw
+    merged = copy.deepcopy(raw)
+    merged["train"] = {**PRESETS[preset]["train"], **(raw.get("train") or {})}
+    base = (raw.get("distill") or {}).get("base", "kd")
+    merged["distill"] = {**PRESETS[preset].get(f"distill_{base}", {}), **(raw.get("distill") or {})}
+    return merged
+
+
+def spec_from_dict(raw: Any, source: str = "<spec>") -> Spec:
+    """Validate a parsed spec; SpecError names ``source`` and the field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
+    if raw.get("preset") is not None and raw["preset"] not in PRESETS:
+        raise SpecError(f"{source}: preset: expected one of {', '.join(PRESETS)}, got {raw['preset']!r}")
+    try:
+        spec = Spec.model_validate(_apply_preset(raw))
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise SpecError(f"{source}: {_describe_error(first)}") from None
+    _check_semantics(spec, source)
+    return spec
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read, override (``--set a.b=c``), and validate a spec file. None = the embedded default."""
+    if path is None:
+        path = default_spec_path()
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{source}: no such spec file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{source}: is a folder, expected a YAML spec file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(f"{source}: {where}not valid YAML ({problem})") from None
+    raw = raw if raw is not None else {}
+    for override in overrides:
+        key, value = parse_override(override)
+        if not isinstance(raw, dict):
+            break
+        _set_dotted(raw, key, value)
+    return spec_from_dict(raw, source)
+
+
+def default_spec_path() -> Path:
+    """The embedded default spec (digits, CPU, local Ray, local MLflow)."""
+    return Path(__file__).parent / "default_spec.yaml"
+
+
+def _check_semantics(spec: Spec, source: str) -> None:
+    """Cross-field checks pydantic cannot express; all run before any trial starts."""
+
+    def fail(field: str, message: str) -> None:
+        raise SpecError(f"{source}: {field}: {message}")
+
+    for field, name in (("teacher.model", spec.teacher.model), ("student.model", spec.student.model)):
+        problem = model_name_problem(name)
+        if problem:
+            fail(field, problem)
+    if spec.data.root and spec.data.dataset in ("cifar100", "cifar10", "imagefolder"):
+        root = Path(spec.data.root).expanduser()
+        if not root.exists() and not (spec.data.download and spec.data.dataset != "imagefolder"):
+            fail("data.root", f"no folder at {root} (set data.download: true for CIFAR)")
+        if spec.data.dataset == "imagefolder":
+            for split in ("train", "val"):
+                if not (root / split).is_dir():
+                    fail("data.root", f"expected {root / split}/<class>/*.jpg")
+    if spec.data.dataset in ("cifar100", "cifar10") and not spec.data.root and not spec.data.download:
+        fail("data.root", f"{spec.data.dataset} needs data.root (or data.download: true)")
+    if spec.teacher.source == "checkpoint":
+        checkpoint = Path(spec.teacher.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            fail("teacher.checkpoint", f"no file at {checkpoint}")
+    if spec.train.milestones and any(m > spec.train.epochs for m in spec.train.milestones):
+        fail("train.milestones", f"every milestone must be <= train.epochs ({spec.train.epochs})")
+    if spec.search.metric not in METRICS:
+        fail("search.metric", f"expected one of {', '.join(sorted(METRICS))}, got {spec.search.metric!r}")
+    if spec.search.scheduler == "asha" and spec.search.grace_period > spec.train.epochs:
+        fail("search.grace_period", f"must be <= train.epochs ({spec.train.epochs})")
+    if spec.search.max_concurrent > spec.search.num_trials:
+        spec.search.max_concurrent = spec.search.num_trials
+    for knob, space in spec.space.items():
+        field = f"space.{knob}"
+        if knob not in SEARCHABLE:
+            fail(field, f"not a searchable knob; expected one of {', '.join(SEARCHABLE)}")
+        if knob == "scales":
+            if space.choices is None:
+                fail(field, "expected choices: a list of scale sets such as [[1], [1, 2], [1, 2, 4]]")
+            for choice in space.choices:
+                try:
+                    if not isinstance(choice, list):
+                        raise ValueError("expected a list such as [1, 2]")
+                    validate_scales(choice)
+                except (ValueError, TypeError) as error:
+                    fail(field, f"choice {choice!r}: {error}")
+        elif knob == "base":
+            bad = [c for c in (space.choices or [None]) if c not in BASE_LOSSES]
+            if bad:
+                fail(field, f"expected choices among {list(BASE_LOSSES)}, got {bad[0]!r}")
+        else:
+            section = getattr(spec, SEARCHABLE[knob])
+            values = space.choices if space.choices is not None else [space.low, space.high]
+            for value in values:
+                try:
+                    type(section).model_validate({**section.model_dump(), knob: value})
+                except ValidationError as error:
+                    fail(field, f"{value!r} is not allowed ({error.errors()[0]['msg']})")
+    if spec.resources.gpus_per_worker > 1 and spec.resources.gpus_per_worker != int(spec.resources.gpus_per_worker):
+        fail("resources.gpus_per_worker", "above 1 it must be a whole number")
+
+
+def model_name_problem(name: str) -> str | None:
+    """None if ``name`` is a known model, else what is wrong with it (with close matches)."""
+    import difflib
+
+    import torchvision
+
+    from sdd_search.models import list_models
+
+    if name.startswith("torchvision/"):
+        known = torchvision.models.list_models(module=torchvision.models)
+        short = name.removeprefix("torchvision/")
+        if short in known:
+            return None
+        close = difflib.get_close_matches(short, known, n=3)
+        hint = f"; did you mean {', '.join('torchvision/' + c for c in close)}?" if close else ""
+        return f"unknown torchvision model {short!r}{hint}"
+    known = list_models()
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known + ["torchvision/" + name], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown model {name!r}{hint} (sdd_search.models.list_models() lists them)"
+
+
+METRICS = {
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "best_val_top1",
+    "train_loss",
+    "train_top1",
+}
+
+
+def resolved_plan(spec: Spec) -> str:
+    """A human-readable summary printed by ``--check`` and at the start of a search."""
+    lines = [
+        f"search      {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at once, "
+        f"{spec.search.sampler.upper()} sampler (seed {spec.search.seed}), "
+        f"scheduler {spec.search.scheduler}, {spec.search.mode} {spec.search.metric}",
+        f"data        {spec.data.dataset}" + (f" at {spec.data.root}" if spec.data.root else ""),
+        f"teacher     {spec.teacher.model} ({spec.teacher.source}"
+        + (f": {spec.teacher.checkpoint}" if spec.teacher.checkpoint else "")
+        + ")",
+        f"student     {spec.student.model}",
+        f"distill     {spec.distill.method} base={spec.distill.base} scales={spec.distill.scales} "
+        f"T={spec.distill.temperature} complementary={spec.distill.complementary_weight} "
+        f"ce={spec.distill.ce_weight} kd={spec.distill.kd_weight}",
+        f"train       {spec.train.epochs} epochs, batch {spec.train.batch_size}, lr {spec.train.lr}, "
+        f"wd {spec.train.weight_decay}, {spec.train.schedule}",
+        f"resources   {spec.resources.workers} worker(s) x ({spec.resources.cpus_per_worker} CPU, "
+        f"{spec.resources.gpus_per_worker} GPU) per trial",
+        "space:",
+    ]
+    for knob, space in spec.space.items():
+        if space.choices is not None:
+            lines.append(f"  {knob:<22} choice {space.choices}")
+        else:
+            kind = "log-" if space.log else ""
+            lines.append(f"  {knob:<22} {kind}{space.type} [{space.low}, {space.high}]")
+    if not spec.space:
+        lines.append("  (empty: every trial uses the spec's own values)")
+    lines += [
+        f"tracking    {spec.tracking.uri} experiment {spec.experiment_name!r}, "
+        f"top {spec.search.top_k} registered as {spec.registered_model_name!r}",
+        f"storage     {spec.experiment_path()}",
+    ]
+    return "\n".join(lines)

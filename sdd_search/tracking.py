@@ -1,0 +1,242 @@
+"""MLflow: a parent run per search, a nested child run per trial, the best students registered.
+
+Everything goes through one :class:`mlflow.MlflowClient` with explicit run ids, from the driver
+process only (one writer, so a sqlite store is safe). Runs are found again by tags, so a
+resumed search keeps one run per trial and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+TAG_SEARCH = "sdd_search.search"  # the search's experiment path: identifies the parent run
+TAG_ROLE = "sdd_search.role"  # parent | trial | reference
+TAG_TRIAL = "sdd_search.trial_id"
+TAG_STATUS = "sdd_search.status"
+TAG_REASON = "sdd_search.reason"
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite/file URI absolute so every process agrees on it."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    if "://" not in uri:
+        return str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def system_info() -> dict[str, str]:
+    """What a reader needs to compare trials across machines."""
+    import ray
+    import torch
+
+    info = {
+        "sys.hostname": socket.gethostname(),
+        "sys.platform": platform.platform(),
+        "sys.python": platform.python_version(),
+        "sys.cpu_count": str(os.cpu_count()),
+        "sys.torch": torch.__version__,
+        "sys.ray": ray.__version__,
+        "sys.mlflow": mlflow.__version__,
+        "sys.cuda": str(torch.version.cuda),
+        "sys.gpus": str(torch.cuda.device_count()),
+    }
+    if torch.cuda.is_available():
+        info["sys.gpu_name"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class LogitsOnly(torch.nn.Module):
+    """Serving wrapper: images (B x 3 x H x W, normalised float32) -> logits (B x K)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)[0]
+
+
+class SearchTracker:
+    """The MLflow side of one search."""
+
+    def __init__(self, uri: str, experiment: str, search_id: str, artifact_location: str | None = None):
+        self.uri = resolve_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        existing = self.client.get_experiment_by_name(experiment)
+        if existing is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            if existing.lifecycle_stage == "deleted":
+                self.client.restore_experiment(existing.experiment_id)
+            self.experiment_id = existing.experiment_id
+        self.experiment_name = experiment
+        self.search_id = search_id
+        self.parent_run_id: str | None = None
+        self._trial_runs: dict[str, str] = {}
+
+    # -- parent ---------------------------------------------------------------------------
+
+    def find_parent(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_SEARCH}` = '{self.search_id}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start_parent(self, run_name: str, spec_dict: dict, spec_text: str, plan: str) -> str:
+        """Create the parent run, or reopen the one of a search being resumed."""
+        run_id = self.find_parent()
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={TAG_ROLE: "parent", TAG_SEARCH: self.search_id, **system_info()},
+            )
+            run_id = run.info.run_id
+            params = {k: v for k, v in flatten(spec_dict).items() if k.split(".")[0] != "space"}
+            self._log_params(run_id, params)
+            self.client.log_text(run_id, spec_text, "spec.yaml")
+            self.client.log_text(run_id, plan, "plan.txt")
+            self.client.log_dict(run_id, spec_dict.get("space", {}), "search_space.json")
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.parent_run_id = run_id
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000
+        ):
+            trial_id = run.data.tags.get(TAG_TRIAL)
+            if trial_id:
+                self._trial_runs[trial_id] = run.info.run_id
+        return run_id
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- trials ---------------------------------------------------------------------------
+
+    def trial_run(self, trial_id: str, run_name: str, role: str, params: dict[str, Any]) -> str:
+        """The child run of a trial: created once, found again on resume."""
+        run_id = self._trial_runs.get(trial_id)
+        if run_id is not None:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name,
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                TAG_ROLE: role,
+                TAG_TRIAL: trial_id,
+                TAG_SEARCH: self.search_id,
+            },
+        )
+        run_id = run.info.run_id
+        self._trial_runs[trial_id] = run_id
+        self._log_params(run_id, params)
+        return run_id
+
+    def run_id_of(self, trial_id: str) -> str | None:
+        return self._trial_runs.get(trial_id)
+
+    def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int) -> None:
+        rows = [
+            Metric(key, float(value), timestamp_ms, step)
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        if rows:
+            self.client.log_batch(run_id, metrics=rows)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def end_trial(self, run_id: str, status: str, reason: str | None = None) -> None:
+        tags = {TAG_STATUS: status.lower()}
+        if reason:
+            tags[TAG_REASON] = reason
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status="FAILED" if status == "FAILED" else "FINISHED")
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        rows = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+        for start in range(0, len(rows), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=rows[start : start + 100])
+
+    # -- artifacts and models -------------------------------------------------------------
+
+    def log_leaderboard(self, rows: list[dict[str, Any]], text: str) -> None:
+        if not self.parent_run_id:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "leaderboard.csv"
+            keys = list(rows[0]) if rows else []
+            lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+            path.write_text("\n".join(lines) + "\n")
+            self.client.log_artifact(self.parent_run_id, str(path))
+        self.client.log_text(self.parent_run_id, text, "leaderboard.txt")
+
+    def register_student(
+        self,
+        run_id: str,
+        model,
+        example_input,
+        registered_model: str,
+    ) -> str:
+        """Log ``model`` (logits only) as an MLflow PyTorch model in ``run_id`` and register it.
+
+        Returns the new model version.
+        """
+        from mlflow.models import infer_signature
+
+        wrapped = LogitsOnly(model).eval()
+        with torch.no_grad():
+            output = wrapped(torch.from_numpy(example_input)).numpy()
+        signature = infer_signature(example_input, output)
+        previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pytorch.log_model(
+                    wrapped,
+                    name="student",
+                    signature=signature,
+                    input_example=example_input,
+                    registered_model_name=registered_model,
+                    await_registration_for=60,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "sdd-search"],
+                )
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
+        version = info.registered_model_version
+        return str(version)
+
+    def set_alias(self, registered_model: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(registered_model, alias, version)

@@ -1,0 +1,388 @@
+"""One distillation run: build, restore, train, evaluate, report.
+
+No Ray in here. :func:`run_trial` is plain PyTorch; the search hands it a ``report`` callback
+that forwards metrics and checkpoints to Ray Train. Under ``torch.distributed`` (Ray Train's
+workers, or ``torchrun``) the student is wrapped in DDP, each rank trains on its own shard and
+the evaluation counts are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdd_search.config import TrainConfig, TrialConfig
+from sdd_search.data import build_datasets_and_loaders
+from sdd_search.models import create_model
+from sdd_search.sdd import cell_logits, sdd_loss, warmup_factor
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# report(metrics, write_checkpoint): write_checkpoint(directory) saves the full training state
+# into that directory; it is None on ranks other than 0.
+ReportFn = Callable[[dict[str, float], Callable[[Path], None] | None], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass
+class TrialResult:
+    """What a finished run returns."""
+
+    model: nn.Module  # the student (unwrapped, on the CPU, eval mode)
+    num_classes: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+class StudentWithCells(nn.Module):
+    """Student forward that returns (global logits, cell logits) so DDP/compile see one module."""
+
+    def __init__(self, model: nn.Module, scales: tuple[int, ...]):
+        super().__init__()
+        self.model = model
+        self.scales = scales
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.model.forward_features(images)
+        cells = cell_logits(features, self.model.get_classifier(), self.scales)
+        return cells[:, 0], cells  # cell 0 is the global average-pooled logits
+
+
+def resolve_device(train: TrainConfig) -> torch.device:
+    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is cuda but torch sees no CUDA device")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _flag(value: str, device: torch.device) -> bool:
+    """auto/on/off (or auto/bf16/off) -> bool; auto means on for CUDA only."""
+    return value in ("on", "bf16") or (value == "auto" and device.type == "cuda")
+
+
+def _lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    milestones = train.resolved_milestones()
+
+    def factor(epoch: int) -> float:  # epoch = number of epochs completed
+        if epoch < train.lr_warmup_epochs:
+            return (epoch + 1) / train.lr_warmup_epochs
+        if train.schedule == "multistep":
+            return train.lr_decay ** sum(epoch >= m for m in milestones)
+        if train.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
+        return 1.0
+
+    return factor
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`run_trial` (a directory or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    # The RNG states hold numpy arrays and tuples; still no arbitrary classes are unpickled.
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_SAFE_GLOBALS = [
+    np.core.multiarray._reconstruct if hasattr(np, "core") else np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+
+
+def run_trial(
+    config: TrialConfig,
+    *,
+    teacher: nn.Module | None = None,
+    report: ReportFn | None = None,
+    resume_from: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrialResult:
+    """Train ``config.student`` on ``config.data`` with ce + warmup * SDD, evaluating each epoch.
+
+    Args:
+        config: the run. ``distill.method == "none"`` trains on labels only (no teacher).
+        teacher: the teacher network (eval mode, frozen). None with method "sdd" loads it via
+            :mod:`sdd_search.teacher` (training and caching it first if its source is "train").
+        report: called after every epoch with the metrics and a checkpoint writer (rank 0).
+        resume_from: a checkpoint file or directory; training continues from its epoch exactly
+            (model, optimiser, schedule, RNG state and data order).
+        checkpoint_dir: without ``report``, save ``checkpoint.pt`` here after every epoch.
+        log: one line per epoch (rank 0), e.g. ``print``.
+
+    Returns the trained student and the per-epoch metrics.
+    """
+    train = config.train
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world_size = dist.get_world_size() if distributed else 1
+    device = resolve_device(train)
+    use_amp = _flag(train.amp, device)
+    channels_last = _flag(train.channels_last, device)
+    use_compile = _flag(train.compile, device)
+    _seed_everything(train.seed)
+
+    info, train_loader, val_loader = build_datasets_and_loaders(
+        config.data.dataset,
+        root=config.data.root,
+        batch_size=train.batch_size,
+        eval_batch_size=train.eval_batch_size,
+        device=device,
+        seed=train.seed,
+        rank=rank,
+        world_size=world_size,
+        download=config.data.download,
+        image_size=config.data.image_size,
+        num_workers=config.data.num_workers,
+        channels_last=channels_last,
+        synthetic_num_classes=config.data.synthetic_num_classes,
+        synthetic_size=config.data.synthetic_size,
+    )
+    distill = config.distill
+    distilling = distill.method == "sdd"
+    if distilling and teacher is None:
+        from sdd_search.teacher import ensure_teacher, load_teacher
+
+        teacher = load_teacher(config.teacher, info.num_classes, ensure_teacher(config))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if distilling:
+        teacher = teacher.to(device, memory_format=memory_format).eval()
+        teacher_cells_net = StudentWithCells(teacher, tuple(distill.scales)).eval()
+
+    pretrained = {"pretrained": True} if config.student.pretrained else {}
+    student = create_model(config.student.model, num_classes=info.num_classes, **pretrained)
+    student = student.to(device, memory_format=memory_format)
+    student_net: nn.Module = StudentWithCells(student, tuple(distill.scales))
+    optimizer = torch.optim.SGD(
+        student.parameters(),
+        lr=train.lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        nesterov=train.nesterov and train.momentum > 0,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"])
+        history = list(state["history"])
+
+    if distributed:
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        student_net = nn.parallel.DistributedDataParallel(student_net, **ddp_kwargs)
+    step_net = torch.compile(student_net) if use_compile else student_net
+    teacher_step = torch.compile(teacher_cells_net) if (use_compile and distilling) else None
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+    )  # bf16 keeps fp32's range: no loss scaler needed
+
+    def write_checkpoint(directory: Path, epoch: int) -> None:
+        payload = {
+            "format": "sdd-search/trial-v1",
+            "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": epoch,
+            "history": history,
+            "model_name": config.student.model,
+            "num_classes": info.num_classes,
+            "config": config.model_dump(mode="json"),
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (CHECKPOINT_FILE + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, directory / CHECKPOINT_FILE)
+
+    for epoch in range(start_epoch, train.epochs):
+        epoch_start = time.perf_counter()
+        student_net.train()
+        train_loader.set_epoch(epoch)
+        kd_scale = distill.kd_weight * warmup_factor(epoch + 1, distill.warmup_epochs)
+        # Running sums stay on the device: no host sync inside the step loop.
+        sums = torch.zeros(5, device=device)  # loss, ce, kd, correct, seen
+        for images, labels in train_loader:
+            with autocast:
+                logits, cells = step_net(images)
+                if distilling:
+                    with torch.no_grad():
+                        teacher_cells = (teacher_step or teacher_cells_net)(images)[1]
+            ce_loss = F.cross_entropy(logits.float(), labels)
+            if distilling:
+                kd_loss = sdd_loss(
+                    cells,
+                    teacher_cells,
+                    labels,
+                    base=distill.base,
+                    temperature=distill.temperature,
+                    complementary_weight=distill.complementary_weight,
+                    dkd_alpha=distill.dkd_alpha,
+                    dkd_beta=distill.dkd_beta,
+                    nkd_gamma=distill.nkd_gamma,
+                )
+                loss = distill.ce_weight * ce_loss + kd_scale * kd_loss
+            else:
+                kd_loss = torch.zeros((), device=device)
+                loss = ce_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch = labels.shape[0]
+            sums += torch.stack(
+                [
+                    loss.detach() * batch,
+                    ce_loss.detach() * batch,
+                    kd_loss.detach() * batch,
+                    (logits.detach().argmax(1) == labels).sum().float(),
+                    torch.tensor(float(batch), device=device),
+                ]
+            )
+        scheduler.step()
+        if distributed:
+            dist.all_reduce(sums)
+        loss_sum, ce_sum, kd_sum, correct, seen = sums.tolist()
+        train_seconds = time.perf_counter() - epoch_start
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLossError(
+                f"training loss became {loss_sum} at epoch {epoch + 1} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower train.lr or distill weights"
+            )
+        evaluation = evaluate(student, val_loader, device, autocast, distributed)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_ce": ce_sum / seen,
+            "train_kd": kd_sum / seen,
+            "train_top1": 100.0 * correct / seen,
+            **evaluation,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "train_images_per_second": seen / train_seconds,
+        }
+        previous_best = max((h["val_top1"] for h in history), default=-1.0)
+        metrics["best_val_top1"] = max(previous_best, metrics["val_top1"])
+        history.append(metrics)
+        if log is not None and rank == 0:
+            log(
+                f"epoch {epoch + 1}/{train.epochs} loss {metrics['train_loss']:.4f} "
+                f"val top-1 {metrics['val_top1']:.2f}% ({metrics['epoch_seconds']:.1f}s)"
+            )
+        completed = epoch + 1
+        if report is not None:
+            writer = (lambda directory, e=completed: write_checkpoint(Path(directory), e)) if rank == 0 else None
+            report(dict(metrics), writer)
+        elif checkpoint_dir is not None and rank == 0:
+            write_checkpoint(Path(checkpoint_dir), completed)
+
+    student.eval()
+    best_row = max(history, key=lambda h: h["val_top1"]) if history else {}
+    return TrialResult(
+        model=student.cpu(),
+        num_classes=info.num_classes,
+        history=history,
+        best={"val_top1": best_row.get("val_top1", float("nan")), "epoch": best_row.get("epoch", 0)},
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    autocast=None,
+    distributed: bool = False,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over the whole validation set."""
+    model.eval()
+    sums = torch.zeros(4, device=device)  # loss, top1, top5, seen
+    for images, labels in loader:
+        with autocast or nullcontext():
+            logits = model(images)[0]
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels.unsqueeze(1)
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum"),
+                hits[:, 0].sum().float(),
+                hits.any(dim=1).sum().float(),
+                torch.tensor(float(labels.shape[0]), device=device),
+            ]
+        )
+    if distributed:
+        dist.all_reduce(sums)
+    loss, top1, top5, seen = sums.tolist()
+    seen = max(seen, 1.0)
+    return {"val_loss": loss / seen, "val_top1": 100.0 * top1 / seen, "val_top5": 100.0 * top5 / seen}
+
+
+def train_locally(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None = None, log=print) -> TrialResult:
+    """Convenience for scripts: run one trial in this process, resuming from checkpoint_dir if it
+    holds a checkpoint."""
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="sdd-"))
+    resume = checkpoint_dir / CHECKPOINT_FILE
+    return run_trial(
+        config,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume if resume.is_file() else None,
+        log=log,
+    )

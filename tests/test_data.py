@@ -1,0 +1,520 @@
+"""Datasets and loaders: real on-disk fixtures (CIFAR pickles, JPEG folders), sharding, determinism,
+and the augmentation samplers' distributions."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdd_search import data
+from sdd_search.data import (
+    DATASETS,
+    DatasetError,
+    DatasetInfo,
+    ImageFolderLoader,
+    Loader,
+    ResidentLoader,
+    build_datasets_and_loaders,
+    dataset_info,
+)
+
+torch.set_num_threads(2)
+CPU = torch.device("cpu")
+
+
+def _all_batches(loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return torch.cat([images for images, _ in batches]), torch.cat(
+        [labels for _, labels in batches]
+    )
+
+
+def _denormalise(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Normalised float batch -> pixel values 0..255 (float)."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return (images * std + mean) * 255.0
+
+
+# ----------------------------------------------------------------------------------------------
+# On-disk fixtures
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_cifar_pickle(path: Path, entry: dict) -> None:
+    # The real files are protocol-2 pickles; torchvision reads them with encoding="latin1", under
+    # which their (Python 2 str) keys come back as str: "data", "fine_labels", ...
+    with open(path, "wb") as handle:
+        pickle.dump(entry, handle, protocol=2)
+
+
+@pytest.fixture
+def cifar100_root(tmp_path: Path) -> tuple[Path, dict[str, dict]]:
+    """A 50-train / 20-test CIFAR-100 in the on-disk layout of cifar-100-python.tar.gz."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    entries = {}
+    for split, count in (("train", 50), ("test", 20)):
+        fine = rng.integers(0, 100, count).tolist()
+        entries[split] = {
+            "filenames": [f"{split}_{i}.png" for i in range(count)],
+            "batch_label": f"{split} batch 1 of 1",
+            "fine_labels": fine,
+            "coarse_labels": [label // 5 for label in fine],
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+        }
+        _write_cifar_pickle(folder / split, entries[split])
+    meta = {
+        "fine_label_names": [f"fine_{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+    }
+    _write_cifar_pickle(folder / "meta", meta)
+    return tmp_path, entries
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+# Solid colours survive JPEG almost exactly, so a center crop's pixel values are predictable.
+_CLASS_COLOURS = {"ant": (200, 30, 30), "bee": (30, 200, 30), "cat": (30, 30, 200)}
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """3 classes of real JPEGs of mixed sizes (40x30, 50x64), one greyscale, one PNG named .JPEG."""
+    root = tmp_path / "images"
+    sizes = [(40, 30), (50, 64), (40, 30), (50, 64)]  # PIL sizes are (width, height)
+    for split, count in (("train", 4), ("val", 2)):
+        for name, colour in _CLASS_COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = Image.new("RGB", sizes[i], colour)
+                (folder / f"{name}_{i}.jpg").write_bytes(_jpeg_bytes(image))
+    grey = Image.new("L", (48, 36), 128)
+    (root / "train" / "bee" / "bee_grey.jpg").write_bytes(_jpeg_bytes(grey))
+    # ImageNet holds a few PNG files with a .JPEG name; they must load too.
+    Image.new("RGB", (33, 45), _CLASS_COLOURS["ant"]).save(
+        root / "train" / "ant" / "ant_png.JPEG", "PNG"
+    )
+    (root / "train" / "ant" / "notes.txt").write_text("not an image: ignored")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# digits
+# ----------------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_stratified_and_complete() -> None:
+    info, train_a, val_a = build_datasets_and_loaders(
+        "digits", root=None, batch_size=64, device=CPU, seed=0
+    )
+    _, train_b, val_b = build_datasets_and_loaders(
+        "digits", root=None, batch_size=64, device=CPU, seed=123
+    )
+
+    assert info == dataset_info("digits")
+    assert (info.num_train, info.num_val) == (1437, 360)
+    assert info.num_train + info.num_val == 1797
+    assert (info.num_classes, info.image_size, info.channels) == (10, 16, 3)
+    images_a, labels_a = _all_batches(val_a)
+    images_b, labels_b = _all_batches(val_b)
+    assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    # Stratified: every class holds about 20% of its images in validation.
+    assert torch.bincount(labels_a, minlength=10).min() >= 35
+    assert len(train_a) == 1437 // 64 and len(val_a) == math.ceil(360 / 64)
+
+
+def test_digits_batches_are_shaped_and_normalised() -> None:
+    info, train, val = build_datasets_and_loaders("digits", root=None, batch_size=64, device=CPU)
+    images, labels = next(iter(train))
+    assert images.shape == (64, 3, 16, 16) and images.dtype == torch.float32
+    assert labels.shape == (64,) and labels.dtype == torch.int64
+    assert int(labels.min()) >= 0 and int(labels.max()) <= 9
+
+    val_images, val_labels = _all_batches(val)
+    assert val_images.shape == (360, 3, 16, 16) and val_labels.shape == (360,)
+    assert abs(float(val_images.mean())) < 0.1
+    assert abs(float(val_images.std()) - 1.0) < 0.1
+    pixels = _denormalise(val_images, info)
+    assert float(pixels.min()) > -0.5 and float(pixels.max()) < 255.5
+    assert torch.allclose(pixels, pixels.round(), atol=2e-3)  # exact uint8 values underneath
+
+
+def test_digits_never_flips_and_crops_with_padding_two() -> None:
+    _, train, _ = build_datasets_and_loaders("digits", root=None, batch_size=64, device=CPU)
+    assert isinstance(train, ResidentLoader) and train.pad == 2 and not train.flip
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        _, offsets, flips = train._epoch_plan()
+        assert not bool(flips.any())
+        assert int(offsets.min()) == 0 and int(offsets.max()) == 4
+
+
+def test_same_seed_and_epoch_reproduce_batches_and_other_epochs_differ() -> None:
+    def first_batches(seed: int, epoch: int, rank: int = 0) -> list[torch.Tensor]:
+        _, train, _ = build_datasets_and_loaders(
+            "digits", root=None, batch_size=64, device=CPU, seed=seed, rank=rank, world_size=2
+        )
+        train.set_epoch(epoch)
+        return [images for images, _ in itertools.islice(train, 3)]
+
+    reference = first_batches(seed=1, epoch=3)
+    assert all(torch.equal(a, b) for a, b in zip(reference, first_batches(1, 3), strict=True))
+    assert not torch.equal(reference[0], first_batches(1, 4)[0])
+    assert not torch.equal(reference[0], first_batches(2, 3)[0])
+    assert not torch.equal(reference[0], first_batches(1, 3, rank=1)[0])
+
+
+def test_state_dict_round_trip_resumes_the_same_epoch() -> None:
+    _, train, _ = build_datasets_and_loaders(
+        "synthetic", root=None, batch_size=32, device=CPU, seed=5
+    )
+    train.set_epoch(7)
+    expected = next(iter(train))[0]
+    _, restored, _ = build_datasets_and_loaders(
+        "synthetic", root=None, batch_size=32, device=CPU, seed=5
+    )
+    restored.load_state_dict(train.state_dict())
+    assert torch.equal(next(iter(restored))[0], expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The resident loader's vectorised crop + flip against a per-image reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resident_batches_equal_per_image_pad_crop_flip(channels_last: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(40) % 7
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    loader = ResidentLoader(
+        images, labels, batch_size=16, mean=mean, std=std, device=CPU, train=True,
+        pad=3, flip=True, seed=9, channels_last=channels_last,
+    )  # fmt: skip
+    loader.set_epoch(2)
+    indices, offsets, flips = loader._epoch_plan()
+    batches = list(loader)
+    assert len(batches) == 2 and flips.any() and not flips.all()
+
+    padded = F.pad(images, (3, 3, 3, 3))
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for position in range(32):
+        top, left = offsets[position].tolist()
+        crop = padded[int(indices[position]), :, top : top + 12, left : left + 12]
+        if flips[position]:
+            crop = crop.flip(-1)
+        expected = (crop.float() / 255.0 - mean_t) / std_t
+        batch_images, batch_labels = batches[position // 16]
+        torch.testing.assert_close(batch_images[position % 16], expected, rtol=0, atol=1e-5)
+        assert int(batch_labels[position % 16]) == int(labels[indices[position]])
+    first = batches[0][0]
+    assert first.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_crop_offsets_cover_zero_to_eight_uniformly_and_flips_are_fair() -> None:
+    generator = torch.Generator().manual_seed(0)
+    count = 90_000
+    offsets = data._sample_crop_offsets(count, 4, generator)
+    for axis in range(2):
+        counts = torch.bincount(offsets[:, axis])
+        assert counts.numel() == 9  # exactly the values 0..8
+        assert int(counts.min()) > 0.9 * count / 9 and int(counts.max()) < 1.1 * count / 9
+    flip_rate = float(data._sample_flips(count, generator).float().mean())
+    assert abs(flip_rate - 0.5) < 0.05
+
+    _, train, _ = build_datasets_and_loaders(
+        "synthetic", root=None, batch_size=32, device=CPU, synthetic_size=2000
+    )
+    assert train.pad == 4
+    _, offsets, flips = train._epoch_plan()
+    assert sorted(offsets.unique().tolist()) == list(range(9))
+    assert abs(float(flips.float().mean()) - 0.5) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# RandomResizedCrop parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resized_crop_boxes_stay_in_scale_ratio_and_image() -> None:
+    generator = torch.Generator().manual_seed(0)
+    heights = torch.randint(200, 600, (20_000,), generator=generator)
+    widths = torch.randint(200, 600, (20_000,), generator=generator)
+    boxes = data._sample_resized_crop_boxes(heights, widths, generator)
+    top, left, height, width = boxes.unbind(1)
+    assert bool((top >= 0).all() and (left >= 0).all())
+    assert bool((top + height <= heights).all() and (left + width <= widths).all())
+    assert bool((height > 0).all() and (width > 0).all())
+
+    # Fallback boxes are centered and touch both sides along at least one axis.
+    fallback = (
+        ((height == heights) | (width == widths))
+        & (top == (heights - height) // 2)
+        & (left == (widths - width) // 2)
+    )
+    area_fraction = (height * width).double() / (heights * widths).double()
+    aspect = width.double() / height.double()
+    sampled = ~fallback
+    # Rounding the sides to whole pixels moves area and ratio by at most about 1 pixel per side.
+    assert float(area_fraction[sampled].min()) >= 0.08 * 0.98
+    assert float(area_fraction.max()) <= 1.0
+    assert float(aspect[sampled].min()) >= 0.75 * 0.98
+    assert float(aspect[sampled].max()) <= (4 / 3) * 1.02
+    # Both ends of the distribution are reached.
+    assert float(area_fraction.min()) < 0.1 and float(area_fraction.max()) > 0.97
+
+
+def test_resized_crop_boxes_match_torchvision_distribution_and_fallback() -> None:
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    image = torch.zeros(1, 60, 200)  # wide: about 40% of attempts do not fit
+    reference = torch.tensor(
+        [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    ).double()
+    generator = torch.Generator().manual_seed(1)
+    ours = data._sample_resized_crop_boxes(
+        torch.full((20_000,), 60), torch.full((20_000,), 200), generator
+    ).double()
+    for column in range(4):  # top, left, height, width: same means within sampling noise
+        spread = float(reference[:, column].std()) / math.sqrt(2000)
+        assert float(ours[:, column].mean()) == pytest.approx(
+            float(reference[:, column].mean()), abs=5 * spread
+        )
+
+    # Images no crop can fit: torchvision's center fallback, clamped to the ratio range.
+    for height, width in [(1, 100), (100, 1), (2, 2)]:
+        expected = RandomResizedCrop.get_params(
+            torch.zeros(1, height, width), [0.08, 1.0], [3 / 4, 4 / 3]
+        )
+        got = data._sample_resized_crop_boxes(
+            torch.tensor([height]), torch.tensor([width]), generator
+        )
+        if height * width > 4:
+            assert tuple(got[0].tolist()) == expected
+        else:  # a 2x2 image can fit a crop; just check it is inside
+            assert got[0, 2] <= 2 and got[0, 3] <= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cifar100_loads_from_real_pickle_format(cifar100_root: tuple[Path, dict]) -> None:
+    root, entries = cifar100_root
+    info, train, val = build_datasets_and_loaders(
+        "cifar100", root=str(root), batch_size=16, device=CPU, download=False
+    )
+    assert (info.num_classes, info.image_size, info.num_train, info.num_val) == (100, 32, 50, 20)
+    assert info.mean == (0.5071, 0.4865, 0.4409) and info.std == (0.2673, 0.2564, 0.2762)
+    assert len(train) == 50 // 16
+    images, labels = next(iter(train))
+    assert images.shape == (16, 3, 32, 32) and labels.dtype == torch.int64
+    assert set(labels.tolist()) <= set(entries["train"]["fine_labels"])
+
+    val_images, val_labels = _all_batches(val)
+    assert val_labels.tolist() == entries["test"]["fine_labels"]
+    expected = torch.from_numpy(entries["test"]["data"]).view(20, 3, 32, 32).float()
+    torch.testing.assert_close(_denormalise(val_images, info), expected, rtol=0, atol=1e-3)
+
+
+def test_cifar100_missing_folder_names_the_expected_path(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as raised:
+        build_datasets_and_loaders("cifar100", root=str(tmp_path), batch_size=16, device=CPU)
+    message = str(raised.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in message
+    assert "data.download: true" in message and "\n" not in message
+
+
+def test_cifar100_corrupt_pickle_is_a_dataset_error(cifar100_root: tuple[Path, dict]) -> None:
+    root, _ = cifar100_root
+    (root / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="cifar-100-python"):
+        build_datasets_and_loaders("cifar100", root=str(root), batch_size=16, device=CPU)
+
+
+def test_cifar10_loads_five_batches(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_cifar_pickle(
+            folder / name,
+            {"batch_label": name, "labels": rng.integers(0, 10, 8).tolist(),
+             "data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "filenames": ["x.png"] * 8},
+        )  # fmt: skip
+    _write_cifar_pickle(folder / "batches.meta", {"label_names": [str(i) for i in range(10)]})
+    info, train, val = build_datasets_and_loaders(
+        "cifar10", root=str(tmp_path), batch_size=8, device=CPU
+    )
+    assert (info.num_classes, info.num_train, info.num_val) == (10, 40, 8)
+    assert info.mean == (0.4914, 0.4822, 0.4465)
+    assert len(train) == 5 and next(iter(val))[0].shape == (8, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_loads_jpegs_of_mixed_sizes_and_modes(image_folder: Path) -> None:
+    info, train, val = build_datasets_and_loaders(
+        "imagefolder",
+        root=str(image_folder),
+        batch_size=4,
+        device=CPU,
+        image_size=32,
+        num_workers=0,
+    )
+    assert info == dataset_info("imagefolder", str(image_folder), image_size=32)
+    assert (info.num_classes, info.num_train, info.num_val, info.image_size) == (3, 14, 6, 32)
+    assert isinstance(train, ImageFolderLoader) and isinstance(train, Loader)
+    assert len(train) == 14 // 4 and len(val) == 2
+
+    batches = list(train)
+    assert len(batches) == 3
+    for images, labels in batches:
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}
+
+    val_images, val_labels = _all_batches(val)
+    assert val_labels.tolist() == [0, 0, 1, 1, 2, 2]  # sorted class folders: ant, bee, cat
+    pixels = _denormalise(val_images, info)
+    for image, label in zip(pixels, val_labels.tolist(), strict=True):
+        colour = torch.tensor(list(_CLASS_COLOURS.values())[label], dtype=torch.float32)
+        assert torch.allclose(image.mean(dim=(1, 2)), colour, atol=6.0)
+
+
+def test_imagefolder_workers_shard_and_reproduce(image_folder: Path) -> None:
+    def loaders(rank: int) -> tuple[Loader, Loader]:
+        _, train, val = build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=3, device=CPU, image_size=32,
+            num_workers=2, seed=4, rank=rank, world_size=2,
+        )  # fmt: skip
+        return train, val
+
+    (train0, val0), (train1, val1) = loaders(0), loaders(1)
+    for loader in (train0, train1):
+        loader.set_epoch(1)
+    indices0, indices1 = train0.epoch_indices(), train1.epoch_indices()
+    assert len(indices0) == len(indices1) == 6 and len(train0) == len(train1) == 2
+    assert not set(indices0.tolist()) & set(indices1.tolist())
+    assert sorted(val0.epoch_indices().tolist() + val1.epoch_indices().tolist()) == list(range(6))
+    assert sum(len(labels) for loader in (val0, val1) for _, labels in loader) == 6
+
+    first = [images for images, _ in train0]
+    again = [images for images, _ in train0]  # same epoch again: identical crops and flips
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    train0.set_epoch(2)
+    assert not torch.equal(first[0], next(iter(train0))[0])
+
+
+def test_imagefolder_val_class_missing_from_train_is_an_error(image_folder: Path) -> None:
+    (image_folder / "val" / "dog").mkdir()
+    with pytest.raises(DatasetError) as raised:
+        build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=4, device=CPU, num_workers=0
+        )
+    assert str(image_folder / "val" / "dog") in str(raised.value)
+
+
+def test_imagefolder_undecodable_file_names_the_path(image_folder: Path) -> None:
+    broken = image_folder / "val" / "ant" / "ant_broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    _, _, val = build_datasets_and_loaders(
+        "imagefolder",
+        root=str(image_folder),
+        batch_size=8,
+        device=CPU,
+        image_size=32,
+        num_workers=0,
+    )
+    with pytest.raises(DatasetError, match="ant_broken.jpg"):
+        list(val)
+
+
+def test_imagefolder_missing_root_layout_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "train"))):
+        dataset_info("imagefolder", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding, synthetic data, argument errors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_two_ranks_split_train_disjointly_and_cover_val_once(name: str) -> None:
+    shards = [
+        build_datasets_and_loaders(
+            name,
+            root=None,
+            batch_size=32,
+            device=CPU,
+            seed=3,
+            rank=rank,
+            world_size=2,
+            synthetic_size=301,
+        )
+        for rank in range(2)
+    ]
+    info = shards[0][0]
+    train_indices = []
+    for _, train, _ in shards:
+        train.set_epoch(5)
+        train_indices.append(set(train.epoch_indices().tolist()))
+    assert len(train_indices[0]) == len(train_indices[1]) == len(shards[0][1]) * 32
+    assert len(shards[0][1]) == len(shards[1][1]) == (info.num_train // 2) // 32
+    assert not train_indices[0] & train_indices[1]
+
+    val_indices = [index for _, _, val in shards for index in val.epoch_indices().tolist()]
+    assert sorted(val_indices) == list(range(info.num_val))
+    seen = sum(len(labels) for _, _, val in shards for _, labels in val)
+    assert seen == info.num_val
+
+
+def test_synthetic_dataset_sizes_and_info() -> None:
+    info, train, val = build_datasets_and_loaders(
+        "synthetic",
+        root=None,
+        batch_size=50,
+        device=CPU,
+        synthetic_num_classes=5,
+        synthetic_size=200,
+    )
+    assert info == dataset_info("synthetic", synthetic_num_classes=5, synthetic_size=200)
+    assert (info.num_classes, info.image_size, info.num_train, info.num_val) == (5, 32, 200, 50)
+    images, labels = next(iter(train))
+    assert images.shape == (50, 3, 32, 32) and int(labels.max()) < 5
+    assert isinstance(train, Loader) and isinstance(val, Loader)
+
+
+def test_argument_errors_are_one_line_messages() -> None:
+    with pytest.raises(DatasetError, match="expected one of"):
+        build_datasets_and_loaders("mnist", root=None, batch_size=8, device=CPU)
+    with pytest.raises(DatasetError, match="batch_size 2000"):
+        build_datasets_and_loaders("digits", root=None, batch_size=2000, device=CPU)
+    with pytest.raises(ValueError, match="rank 2"):
+        build_datasets_and_loaders(
+            "digits", root=None, batch_size=8, device=CPU, rank=2, world_size=2
+        )
+    assert set(DATASETS) == {"digits", "cifar100", "cifar10", "imagefolder", "synthetic"}
