@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from sdd_search.search import SearchError, run_search
     from sdd_search.teacher import TeacherError
 

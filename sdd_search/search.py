@@ -55,16 +55,18 @@ class SpaceSampler:
     A plain class (not a closure) because Tune pickles the searcher into its experiment state.
     """
 
-    def __init__(self, space: dict[str, dict], fixed_base: str):
+    def __init__(self, space: dict[str, dict], defaults: dict[str, Any]):
         self.space = space
-        self.fixed_base = fixed_base
+        self.defaults = defaults  # the spec's own value of every searched knob
 
-    def __call__(self, trial) -> None:
-        base = self.fixed_base
+    def __call__(self, trial) -> dict[str, Any]:
+        base = self.defaults.get("base")
+        unsampled = {}
         ordered = sorted(self.space, key=lambda k: k != "base")  # base first: others depend on it
         for knob in ordered:
             space = self.space[knob]
             if knob in BASE_SPECIFIC and BASE_SPECIFIC[knob] != base:
+                unsampled[knob] = self.defaults[knob]  # unused by this base; kept for the record
                 continue
             if space.get("choices") is not None:
                 value = trial.suggest_categorical(knob, [encode_choice(knob, c) for c in space["choices"]])
@@ -79,7 +81,7 @@ class SpaceSampler:
                 )
             if knob == "base":
                 base = value
-        return None
+        return unsampled
 
 
 def baseline_point(spec: Spec) -> dict[str, Any]:
@@ -383,7 +385,7 @@ def _tune_config(spec: Spec):
     searcher = None
     if space:
         searcher = OptunaSearch(
-            space=SpaceSampler(space, spec.distill.base),
+            space=SpaceSampler(space, {**baseline_point(spec), "base": spec.distill.base}),
             metric=spec.search.metric,
             mode=spec.search.mode,
             sampler=sampler,
@@ -407,6 +409,20 @@ def _tune_config(spec: Spec):
         max_concurrent_trials=spec.search.max_concurrent,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
+    )
+
+
+def _reporter(spec: Spec):
+    """A live trial table with the searched knobs and the metrics that matter, not the config."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        metric_columns={"epoch": "epoch", "val_top1": "val top-1", "best_val_top1": "best", "train_loss": "loss"},
+        parameter_columns={k: k for k in [ROLE_KEY, *spec.space]},
+        max_report_frequency=30,
+        sort_by_metric=True,
+        max_progress_rows=30,
+        max_column_length=12,
     )
 
 
@@ -441,6 +457,7 @@ def _fit(name: str, spec: Spec, trainable, param_space: dict, tune_config, callb
                 storage_path=spec.experiment_path(),
                 callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                progress_reporter=_reporter(spec),
                 verbose=1,
             ),
         )
@@ -544,7 +561,9 @@ def run_search(
     base_trial = trial.model_dump(mode="json")
     callback = MlflowTrialCallback(tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial)
     trainable = tune.with_parameters(_trial_driver, teacher=teacher, setup=_setup(spec, num_classes))
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})  # the driver only waits on its workers
+    # The trial driver only waits on its Train workers: it must hold no CPU, or k trials of
+    # n CPUs each no longer fit on k * n CPUs. A token of memory gives its bundle a resource.
+    trainable = tune.with_resources(trainable, {"memory": 1})
 
     status = "FAILED"
     try:
@@ -556,6 +575,8 @@ def run_search(
                 trainable,
                 {TRIAL_KEY: base_trial, ROLE_KEY: tune.grid_search(list(REFERENCE_NAMES))},
                 tune.TuneConfig(
+                    metric=spec.search.metric,
+                    mode=spec.search.mode,
                     max_concurrent_trials=spec.search.max_concurrent,
                     trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name,

@@ -272,8 +272,10 @@ def _check_semantics(spec: Spec, source: str) -> None:
             fail(field, problem)
     if spec.data.root and spec.data.dataset in ("cifar100", "cifar10", "imagefolder"):
         root = Path(spec.data.root).expanduser()
-        if not root.exists() and not (spec.data.download and spec.data.dataset != "imagefolder"):
-            fail("data.root", f"no folder at {root} (set data.download: true for CIFAR)")
+        if spec.data.dataset == "imagefolder" and not root.is_dir():
+            fail("data.root", f"no folder at {root} (expected train/ and val/ class folders)")
+        if not root.exists() and not spec.data.download:
+            fail("data.root", f"no folder at {root} (or set data.download: true)")
         if spec.data.dataset == "imagefolder":
             for split in ("train", "val"):
                 if not (root / split).is_dir():

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdd_search.config import TrainConfig, TrialConfig
+from sdd_search.config import DistillConfig, TrainConfig, TrialConfig
 from sdd_search.data import build_datasets_and_loaders
 from sdd_search.models import create_model
 from sdd_search.sdd import cell_logits, sdd_loss, warmup_factor
@@ -66,6 +66,72 @@ class StudentWithCells(nn.Module):
         features = self.model.forward_features(images)
         cells = cell_logits(features, self.model.get_classifier(), self.scales)
         return cells[:, 0], cells  # cell 0 is the global average-pooled logits
+
+
+class DistillationStep(nn.Module):
+    """One training batch's whole forward, fused so ``torch.compile`` sees a single graph.
+
+    Computes the teacher's cell logits (no grad), the student's (logits, cells), the CE, L_sdd
+    and the objective ``ce_weight * CE + kd_scale * L_sdd`` (CE alone when ``teacher_net`` is
+    None, i.e. method "none"). ``student_net`` is a :class:`StudentWithCells`, DDP-wrapped under
+    ``torch.distributed``; ``teacher_net`` a :class:`StudentWithCells` around the frozen teacher.
+
+    ``forward(images, labels, kd_scale)`` takes ``kd_scale`` (kd_weight * warm-up) as a 0-dim
+    float32 tensor on the device and returns ``(loss, sums)``: the scalar loss to backpropagate
+    and float32 ``[loss * B, ce * B, kd * B, correct, B]`` for the epoch's running totals.
+    """
+
+    def __init__(
+        self,
+        student_net: nn.Module,
+        teacher_net: nn.Module | None,
+        distill: DistillConfig,
+        *,
+        amp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.student_net = student_net
+        self.teacher_net = teacher_net
+        self.amp = amp
+        self.ce_weight = float(distill.ce_weight)
+        # Plain Python constants (not the pydantic object): the compiled graph bakes them in.
+        self.loss_options = {
+            "base": distill.base,
+            "temperature": float(distill.temperature),
+            "complementary_weight": float(distill.complementary_weight),
+            "dkd_alpha": float(distill.dkd_alpha),
+            "dkd_beta": float(distill.dkd_beta),
+            "nkd_gamma": float(distill.nkd_gamma),
+        }
+
+    def forward(self, images: Tensor, labels: Tensor, kd_scale: Tensor) -> tuple[Tensor, Tensor]:
+        # bf16 keeps fp32's range: no loss scaler needed.
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, cells = self.student_net(images)
+            if self.teacher_net is not None:
+                with torch.no_grad():
+                    teacher_cells = self.teacher_net(images)[1]
+        ce_loss = F.cross_entropy(logits.float(), labels)
+        if self.teacher_net is None:
+            kd_loss = torch.zeros_like(ce_loss)
+            loss = ce_loss
+        else:
+            kd_loss = sdd_loss(cells, teacher_cells, labels, **self.loss_options)
+            loss = self.ce_weight * ce_loss + kd_scale * kd_loss
+        batch = labels.shape[0]
+        correct = (logits.detach().argmax(1) == labels).sum().float()
+        # The batch size is made on the device (a fill, not a host->device copy that would sync).
+        seen = torch.full_like(correct, float(batch))
+        sums = torch.stack(
+            [
+                loss.detach() * batch,
+                ce_loss.detach() * batch,
+                kd_loss.detach() * batch,
+                correct,
+                seen,
+            ]
+        )
+        return loss, sums
 
 
 def resolve_device(train: TrainConfig) -> torch.device:
@@ -229,11 +295,18 @@ def run_trial(
     if distributed:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         student_net = nn.parallel.DistributedDataParallel(student_net, **ddp_kwargs)
-    step_net = torch.compile(student_net) if use_compile else student_net
-    teacher_step = torch.compile(teacher_cells_net) if (use_compile and distilling) else None
+    # The fused step calls the DDP-wrapped student, so DDP still sees (and all-reduces) it.
+    step = DistillationStep(
+        student_net, teacher_cells_net if distilling else None, distill, amp=use_amp
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune convs once
+    # One graph for teacher + student + losses; dynamic=False is safe because the train loader
+    # drops the last partial batch (static shapes; evaluation, with its partial batch, stays eager).
+    step_fn = torch.compile(step, dynamic=False) if use_compile else step
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
-    )  # bf16 keeps fp32's range: no loss scaler needed
+    )  # for evaluation; bf16 keeps fp32's range: no loss scaler needed
 
     def write_checkpoint(directory: Path, epoch: int) -> None:
         payload = {
@@ -257,45 +330,18 @@ def run_trial(
         epoch_start = time.perf_counter()
         student_net.train()
         train_loader.set_epoch(epoch)
-        kd_scale = distill.kd_weight * warmup_factor(epoch + 1, distill.warmup_epochs)
+        # A 0-dim tensor, not a float: a new warm-up value is new data, not a recompile.
+        kd_scale = torch.full(
+            (), distill.kd_weight * warmup_factor(epoch + 1, distill.warmup_epochs), device=device
+        )
         # Running sums stay on the device: no host sync inside the step loop.
         sums = torch.zeros(5, device=device)  # loss, ce, kd, correct, seen
         for images, labels in train_loader:
-            with autocast:
-                logits, cells = step_net(images)
-                if distilling:
-                    with torch.no_grad():
-                        teacher_cells = (teacher_step or teacher_cells_net)(images)[1]
-            ce_loss = F.cross_entropy(logits.float(), labels)
-            if distilling:
-                kd_loss = sdd_loss(
-                    cells,
-                    teacher_cells,
-                    labels,
-                    base=distill.base,
-                    temperature=distill.temperature,
-                    complementary_weight=distill.complementary_weight,
-                    dkd_alpha=distill.dkd_alpha,
-                    dkd_beta=distill.dkd_beta,
-                    nkd_gamma=distill.nkd_gamma,
-                )
-                loss = distill.ce_weight * ce_loss + kd_scale * kd_loss
-            else:
-                kd_loss = torch.zeros((), device=device)
-                loss = ce_loss
+            loss, batch_sums = step_fn(images, labels, kd_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            batch = labels.shape[0]
-            sums += torch.stack(
-                [
-                    loss.detach() * batch,
-                    ce_loss.detach() * batch,
-                    kd_loss.detach() * batch,
-                    (logits.detach().argmax(1) == labels).sum().float(),
-                    torch.tensor(float(batch), device=device),
-                ]
-            )
+            sums += batch_sums
         scheduler.step()
         if distributed:
             dist.all_reduce(sums)

@@ -1,0 +1,17 @@
+.PHONY: install quickstart test lint bench
+
+install:  ## install the package and its test tools (torch from the local wheels where present)
+	python3 -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	python3 -m pip install -e ".[dev]"
+
+quickstart: install  ## the main job on the embedded default: a search on digits, CPU, local Ray + MLflow
+	sdd-search search_spaces/quickstart.yaml
+
+test: install  ## the whole suite (real Ray, MLflow, Optuna; about 8 minutes on 2 cores)
+	python3 -m pytest -q -p no:cacheprovider
+
+lint:
+	ruff check . && ruff format --check .
+
+bench:  ## CPU benchmarks (ratios measured in one run each)
+	for script in benchmarks/bench_*.py; do python3 $$script || exit 1; done

@@ -1,0 +1,132 @@
+"""One distillation run, no Ray: the loop, exact resume, teachers and their checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from sdd_search.config import DataConfig, DistillConfig, TeacherConfig, TrainConfig, TrialConfig
+from sdd_search.models import create_model
+from sdd_search.teacher import (
+    TeacherError,
+    cached_teacher_path,
+    ensure_teacher,
+    load_model_file,
+    load_teacher,
+    save_model_file,
+)
+from sdd_search.train import CHECKPOINT_FILE, load_checkpoint, run_trial
+
+
+def tiny_config(tmp_path, **distill) -> TrialConfig:
+    return TrialConfig(
+        data=DataConfig(dataset="digits", image_size=8),
+        teacher=TeacherConfig(
+            model="resnet8",
+            cache_dir=str(tmp_path / "cache"),
+            train=TrainConfig(epochs=2, batch_size=128, lr=0.1, schedule="cosine", num_threads=1),
+        ),
+        distill=DistillConfig(scales=[1, 2], **distill),
+        train=TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="multistep", milestones=[2], num_threads=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    config = tiny_config(tmp)
+    path = ensure_teacher(config, log=lambda line: None)
+    return config, path
+
+
+def test_teacher_is_trained_once_and_cached(trained_teacher):
+    config, path = trained_teacher
+    assert path == cached_teacher_path(config) and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    lines = []
+    assert ensure_teacher(config, log=lines.append) == path
+    assert path.stat().st_mtime_ns == stamp and "cached" in lines[0]
+    # A different recipe is a different teacher.
+    other = config.model_copy(
+        update={"teacher": config.teacher.model_copy(update={"train": config.teacher.train.model_copy(update={"epochs": 3})})}
+    )
+    assert cached_teacher_path(other) != path
+
+
+def test_baseline_kd_and_sdd_students_train_through_one_loop(trained_teacher):
+    config, path = trained_teacher
+    teacher = load_teacher(config.teacher, 10, path)
+    results = {}
+    for name, distill in {
+        "baseline": {"method": "none"},
+        "kd": {"scales": [1]},
+        "sdd": {"scales": [1, 2], "base": "dkd", "warmup_epochs": 2},
+    }.items():
+        trial = config.model_copy(update={"distill": config.distill.model_copy(update=distill)})
+        results[name] = run_trial(trial, teacher=teacher if name != "baseline" else None)
+    for name, result in results.items():
+        assert len(result.history) == 3
+        assert result.history[-1]["val_top1"] > 30.0, (name, result.history)  # chance is 10 %
+        assert result.history[-1]["val_top5"] >= result.history[-1]["val_top1"]
+    assert results["baseline"].history[-1]["train_kd"] == 0.0
+    assert results["sdd"].history[-1]["train_kd"] > 0.0
+    # DKD warm-up: the distillation term is ramped in (epoch 1 at half weight).
+    assert results["sdd"].history[0]["lr"] == pytest.approx(0.1)
+    assert results["sdd"].history[2]["lr"] == pytest.approx(0.01)  # multistep at epoch 2
+
+
+def test_restart_continues_exactly(trained_teacher, tmp_path):
+    config, path = trained_teacher
+    teacher = load_teacher(config.teacher, 10, path)
+    straight = run_trial(config, teacher=teacher)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(metrics, write_checkpoint):
+        write_checkpoint(tmp_path / "ckpt")
+        if metrics["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(config, teacher=teacher, report=stop_after_two)
+    state = load_checkpoint(tmp_path / "ckpt")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    resumed = run_trial(config, teacher=teacher, resume_from=tmp_path / "ckpt" / CHECKPOINT_FILE)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["val_top1"] == straight.history[-1]["val_top1"]
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_official_checkpoint_format_and_class_mismatch(tmp_path):
+    model = create_model("resnet8", num_classes=10)
+    official = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": model.state_dict(), "epoch": 240}, official)  # mdistiller's format
+    loaded = load_model_file(official, "resnet8", 10)
+    torch.testing.assert_close(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+    ours = tmp_path / "ours.pt"
+    save_model_file(ours, model, "resnet8", 10)
+    assert load_model_file(ours, "resnet8", 10) is not None
+    with pytest.raises(TeacherError, match="predicts 10 classes but the dataset has 100"):
+        load_model_file(ours, "resnet8", 100)
+    with pytest.raises(TeacherError, match="does not fit model 'resnet20'"):
+        load_model_file(ours, "resnet20", 10)
+
+
+class Payload:
+    def __reduce__(self):  # what a malicious checkpoint would do on unpickling
+        return (print, ("unpickled!",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": Payload()}, handle)
+    with pytest.raises(TeacherError, match="not a weights-only torch checkpoint"):
+        load_model_file(path, "resnet8", 10)
+    with pytest.raises(TeacherError, match="no file at"):
+        load_model_file(tmp_path / "missing.pt", "resnet8", 10)
