@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="search spec YAML (default: the embedded quickstart: digits, CPU, local Ray)",
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    parser.add_argument("--check", action="store_true", help="validate and print the plan; run nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="validate and print the plan; run nothing"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print("spec OK")
         return 0
 
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -72,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     from sdd_search.search import format_leaderboard
 
     print()
-    print(f"Leaderboard ({spec.search.mode} {spec.search.metric}; [baseline] = no teacher, [kd] = plain KD):")
+    print(
+        f"Leaderboard ({spec.search.mode} {spec.search.metric}; [baseline] = no teacher, [kd] = plain KD):"
+    )
     print(format_leaderboard(outcome.leaderboard))
     if outcome.best_student_path:
         print(f"\nbest student: {outcome.best_student_path}")
     for trial_id, version in outcome.registered:
         print(f"registered {spec.registered_model_name} v{version} (trial {trial_id})")
     if outcome.registered:
-        print(f"alias {spec.tracking.alias!r} -> models:/{spec.registered_model_name}@{spec.tracking.alias}")
+        print(
+            f"alias {spec.tracking.alias!r} -> models:/{spec.registered_model_name}@{spec.tracking.alias}"
+        )
     if outcome.overhead:
         o = outcome.overhead
         print(

@@ -34,7 +34,9 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
         if self.dataset == "imagefolder" and not self.root:
-            raise ValueError("data.root is required for dataset imagefolder (train/ and val/ below it)")
+            raise ValueError(
+                "data.root is required for dataset imagefolder (train/ and val/ below it)"
+            )
         return self
 
 
@@ -50,7 +52,8 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] | None = Field(
-        None, description="epochs where lr is multiplied by lr_decay; None = 62.5/75/87.5 % of epochs"
+        None,
+        description="epochs where lr is multiplied by lr_decay; None = 62.5/75/87.5 % of epochs",
     )
     lr_decay: float = Field(0.1, gt=0, le=1)
     lr_warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up (large-batch recipes)")
@@ -105,7 +108,9 @@ class TeacherConfig(StrictModel):
     checkpoint: str | None = Field(None, description="path for source=checkpoint")
     weights: str = Field("DEFAULT", description="torchvision weights enum name")
     train: TrainConfig | None = Field(None, description="recipe for source=train; None = trial's")
-    cache_dir: str | None = Field(None, description="None = $SDD_SEARCH_CACHE or ~/.cache/sdd-search")
+    cache_dir: str | None = Field(
+        None, description="None = $SDD_SEARCH_CACHE or ~/.cache/sdd-search"
+    )
 
     @model_validator(mode="after")
     def _source_fields(self) -> TeacherConfig:

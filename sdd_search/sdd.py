@@ -46,7 +46,9 @@ def validate_scales(scales: Sequence[int]) -> tuple[int, ...]:
     """Return the scale set as a tuple, or raise ValueError saying what a valid one looks like."""
     scale_tuple = tuple(int(m) for m in scales)
     if not scale_tuple or scale_tuple[0] != 1:
-        raise ValueError(f"scale set {list(scales)} must start with 1 (cell 0 is the global 1x1 cell)")
+        raise ValueError(
+            f"scale set {list(scales)} must start with 1 (cell 0 is the global 1x1 cell)"
+        )
     if any(b <= a for a, b in zip(scale_tuple, scale_tuple[1:], strict=False)):
         raise ValueError(f"scale set {list(scales)} must be strictly increasing, e.g. [1, 2, 4]")
     return scale_tuple
@@ -88,7 +90,12 @@ def _per_cell_kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
 
 
 def _per_cell_dkd(
-    student: Tensor, teacher: Tensor, target_mask: Tensor, temperature: float, alpha: float, beta: float
+    student: Tensor,
+    teacher: Tensor,
+    target_mask: Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
 ) -> Tensor:
     """Decoupled KD per row, alpha * TCKD + beta * NCKD, as DKD computes it per sample."""
     p_student = F.softmax(student / temperature, dim=-1)

@@ -69,15 +69,25 @@ class SpaceSampler:
                 unsampled[knob] = self.defaults[knob]  # unused by this base; kept for the record
                 continue
             if space.get("choices") is not None:
-                value = trial.suggest_categorical(knob, [encode_choice(knob, c) for c in space["choices"]])
+                value = trial.suggest_categorical(
+                    knob, [encode_choice(knob, c) for c in space["choices"]]
+                )
             elif space.get("type") == "int":
                 value = trial.suggest_int(
-                    knob, int(space["low"]), int(space["high"]), step=int(space.get("step") or 1), log=space["log"]
+                    knob,
+                    int(space["low"]),
+                    int(space["high"]),
+                    step=int(space.get("step") or 1),
+                    log=space["log"],
                 )
             else:
                 step = space.get("step")
                 value = trial.suggest_float(
-                    knob, space["low"], space["high"], log=space["log"], step=None if space["log"] else step
+                    knob,
+                    space["low"],
+                    space["high"],
+                    log=space["log"],
+                    step=None if space["log"] else step,
                 )
             if knob == "base":
                 base = value
@@ -96,7 +106,10 @@ def baseline_point(spec: Spec) -> dict[str, Any]:
 
 def trial_config(base: dict, params: dict[str, Any]) -> TrialConfig:
     """The spec's trial with the sampled knobs applied."""
-    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+    tree = {
+        section: dict(values) if isinstance(values, dict) else values
+        for section, values in base.items()
+    }
     for knob, value in params.items():
         if knob in SEARCHABLE:
             tree[SEARCHABLE[knob]][knob] = decode_choice(knob, value)
@@ -204,7 +217,11 @@ def _trial_driver(config: dict, teacher: dict | None = None, setup: dict | None 
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"trial": trial.model_dump(mode="json"), "teacher": teacher, "num_classes": setup["num_classes"]},
+        train_loop_config={
+            "trial": trial.model_dump(mode="json"),
+            "teacher": teacher,
+            "num_classes": setup["num_classes"],
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers"],
             use_gpu=resources["gpus_per_worker"] > 0,
@@ -265,12 +282,16 @@ class MlflowTrialCallback(Callback):
             **{f"knob.{k}": v for k, v in searched_params(config).items()},
             **flatten(trial_cfg.model_dump(mode="json")),
         }
-        return self.tracker.trial_run(trial.trial_id, name, "trial" if role == "search" else "reference", params)
+        return self.tracker.trial_run(
+            trial.trial_id, name, "trial" if role == "search" else "reference", params
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         self.timings.setdefault(trial.trial_id, {"start": time.time()})
-        self.tracker.set_tags(run_id, {"sdd_search.status": "running", "ray.trial_path": trial.path or ""})
+        self.tracker.set_tags(
+            run_id, {"sdd_search.status": "running", "ray.trial_path": trial.path or ""}
+        )
 
     def on_trial_restore(self, iteration, trials, trial, **info):
         self.on_trial_start(iteration, trials, trial)
@@ -280,11 +301,18 @@ class MlflowTrialCallback(Callback):
         if result.get("nonfinite_loss"):
             return
         keep = {k: v for k, v in result.items() if k in _LOGGED_METRICS}
-        self.tracker.log_epoch(run_id, keep, step=int(result.get("epoch", 0)), timestamp_ms=int(time.time() * 1000))
+        self.tracker.log_epoch(
+            run_id, keep, step=int(result.get("epoch", 0)), timestamp_ms=int(time.time() * 1000)
+        )
         if result.get("node_ip"):
-            self.tracker.set_tags(run_id, {"sys.node_ip": result["node_ip"], "sys.hostname": result.get("hostname", "")})
+            self.tracker.set_tags(
+                run_id,
+                {"sys.node_ip": result["node_ip"], "sys.hostname": result.get("hostname", "")},
+            )
         timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
-        timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(result.get("epoch_seconds", 0.0))
+        timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(
+            result.get("epoch_seconds", 0.0)
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
@@ -298,7 +326,9 @@ class MlflowTrialCallback(Callback):
             self.tracker.end_trial(run_id, "COMPLETED")
         else:
             self.tracker.end_trial(
-                run_id, "STOPPED", f"early-stopped by the scheduler after epoch {epoch} of {self.epochs}"
+                run_id,
+                "STOPPED",
+                f"early-stopped by the scheduler after epoch {epoch} of {self.epochs}",
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -307,7 +337,9 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
-        self.tracker.set_tags(run_id, {"sdd_search.retried": "yes", "sdd_search.last_error": _error_summary(trial)})
+        self.tracker.set_tags(
+            run_id, {"sdd_search.retried": "yes", "sdd_search.last_error": _error_summary(trial)}
+        )
 
 
 _LOGGED_METRICS = {
@@ -417,7 +449,12 @@ def _reporter(spec: Spec):
     from ray.tune import CLIReporter
 
     return CLIReporter(
-        metric_columns={"epoch": "epoch", "val_top1": "val top-1", "best_val_top1": "best", "train_loss": "loss"},
+        metric_columns={
+            "epoch": "epoch",
+            "val_top1": "val top-1",
+            "best_val_top1": "best",
+            "train_loss": "loss",
+        },
         parameter_columns={k: k for k in [ROLE_KEY, *spec.space]},
         max_report_frequency=30,
         sort_by_metric=True,
@@ -443,7 +480,11 @@ def _fit(name: str, spec: Spec, trainable, param_space: dict, tune_config, callb
                 f"it, or change name: / --set name=... to start another"
             )
         tuner = tune.Tuner.restore(
-            path, trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
+            path,
+            trainable=trainable,
+            param_space=param_space,
+            resume_unfinished=True,
+            resume_errored=True,
         )
         # The restored run config holds an unpickled copy of the callback; use this run's.
         tuner._local_tuner.get_run_config().callbacks = [callback]
@@ -470,12 +511,18 @@ def _rows(results, role_of) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         config = result.config or {}
         frame = result.metrics_dataframe
-        best = float(frame["val_top1"].max()) if frame is not None and "val_top1" in frame else float("nan")
+        best = (
+            float(frame["val_top1"].max())
+            if frame is not None and "val_top1" in frame
+            else float("nan")
+        )
         rows.append(
             {
                 "trial": metrics.get("trial_id", ""),
                 "role": role_of(config),
-                "status": "error" if result.error else ("nan" if metrics.get("nonfinite_loss") else "done"),
+                "status": "error"
+                if result.error
+                else ("nan" if metrics.get("nonfinite_loss") else "done"),
                 "epochs": int(metrics.get("epoch", 0) or 0),
                 "val_top1": float(metrics.get("val_top1", float("nan"))),
                 "best_val_top1": best,
@@ -487,7 +534,9 @@ def _rows(results, role_of) -> list[dict[str, Any]]:
 
 
 def format_leaderboard(rows: list[dict[str, Any]], metric_name: str = "val_top1") -> str:
-    header = f"{'rank':>4}  {'trial':<18} {'epochs':>6} {'final top-1':>11} {'best top-1':>10}  knobs"
+    header = (
+        f"{'rank':>4}  {'trial':<18} {'epochs':>6} {'final top-1':>11} {'best top-1':>10}  knobs"
+    )
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(rows, 1):
         knobs = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items()) or "(spec values)"
@@ -535,32 +584,47 @@ def run_search(
             f"continue it, or --set name=... to start another"
         )
     if resume and not _exists(search_path):
-        raise SearchError(f"--resume: no search {spec.name!r} at {experiment_path} to resume (drop --resume to start it)")
+        raise SearchError(
+            f"--resume: no search {spec.name!r} at {experiment_path} to resume (drop --resume to start it)"
+        )
 
     log(resolved_plan(spec))
     trial = spec.trial
     info = dataset_info(trial.data.dataset, trial.data.root, trial.data.image_size)
-    num_classes = trial.data.synthetic_num_classes if trial.data.dataset == "synthetic" else info.num_classes
+    num_classes = (
+        trial.data.synthetic_num_classes if trial.data.dataset == "synthetic" else info.num_classes
+    )
 
     # Teacher first (trained once and cached), in this process: every trial reuses it.
-    teacher_state = _teacher_state(trial.model_copy(update={"distill": trial.distill.model_copy(update={"method": "sdd"})}))
+    teacher_state = _teacher_state(
+        trial.model_copy(update={"distill": trial.distill.model_copy(update={"method": "sdd"})})
+    )
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="warning")
+            # "local" always starts a fresh Ray, never joins another one running on this machine.
+            # The dashboard serves the state API that Ray Train's placement-group cleaner needs
+            # to free the workers of early-stopped trials.
+            ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level="warning")
     teacher = {"ref": ray.put(teacher_state)} if teacher_state is not None else None
 
     from ray import tune
 
-    tracker = SearchTracker(spec.tracking.uri, spec.experiment_name, experiment_path, spec.tracking.artifact_location)
+    tracker = SearchTracker(
+        spec.tracking.uri, spec.experiment_name, experiment_path, spec.tracking.artifact_location
+    )
     parent_run_id = tracker.start_parent(
         spec.name, spec.model_dump(mode="json"), spec_text, resolved_plan(spec)
     )
     base_trial = trial.model_dump(mode="json")
-    callback = MlflowTrialCallback(tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial)
-    trainable = tune.with_parameters(_trial_driver, teacher=teacher, setup=_setup(spec, num_classes))
+    callback = MlflowTrialCallback(
+        tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial
+    )
+    trainable = tune.with_parameters(
+        _trial_driver, teacher=teacher, setup=_setup(spec, num_classes)
+    )
     # The trial driver only waits on its Train workers: it must hold no CPU, or k trials of
     # n CPUs each no longer fit on k * n CPUs. A token of memory gives its bundle a resource.
     trainable = tune.with_resources(trainable, {"memory": 1})
@@ -594,7 +658,9 @@ def run_search(
             callback,
             resume=resume,
         )
-        search_rows = sorted(_rows(search_results, lambda c: "search"), key=_sort_key(spec.search.mode))
+        search_rows = sorted(
+            _rows(search_results, lambda c: "search"), key=_sort_key(spec.search.mode)
+        )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -606,13 +672,19 @@ def run_search(
     rows = search_rows + reference_rows
     text = format_leaderboard(rows)
     tracker.log_leaderboard(
-        [{k: v for k, v in r.items() if k != "params"} | {"params": str(r["params"])} for r in rows], text
+        [
+            {k: v for k, v in r.items() if k != "params"} | {"params": str(r["params"])}
+            for r in rows
+        ],
+        text,
     )
     registered, best_path = _register_best(spec, tracker, search_rows, info, num_classes, log)
     wall = time.time() - started
     overhead = _overhead(callback, search_rows + reference_rows)
     if overhead:
-        tracker.client.log_metric(parent_run_id, "orchestration_overhead_fraction", overhead["fraction"])
+        tracker.client.log_metric(
+            parent_run_id, "orchestration_overhead_fraction", overhead["fraction"]
+        )
     tracker.client.log_metric(parent_run_id, "search_wall_seconds", wall)
     tracker.finish_parent("FINISHED")
     return SearchOutcome(
@@ -664,13 +736,19 @@ def _load_student(checkpoint_path: str):
     return model.eval(), state
 
 
-def _register_best(spec: Spec, tracker: SearchTracker, rows: list[dict], info, num_classes: int, log):
+def _register_best(
+    spec: Spec, tracker: SearchTracker, rows: list[dict], info, num_classes: int, log
+):
     """Log the top-k students as MLflow models, register them, alias the best one."""
     from sdd_search.teacher import save_model_file
 
     registered: list[tuple[str, str]] = []
     best_path = None
-    candidates = [r for r in rows if r["checkpoint"] and r["status"] == "done" and not math.isnan(r["val_top1"])]
+    candidates = [
+        r
+        for r in rows
+        if r["checkpoint"] and r["status"] == "done" and not math.isnan(r["val_top1"])
+    ]
     size = info.image_size
     example = np.zeros((2, info.channels, size, size), dtype=np.float32)
     for rank, row in enumerate(candidates[: spec.search.top_k]):
@@ -682,7 +760,9 @@ def _register_best(spec: Spec, tracker: SearchTracker, rows: list[dict], info, n
             best_path = f"{spec.experiment_path()}/best_student.pt"
             save_model_file(best_path, model, spec.student.model, num_classes)
         version = tracker.register_student(run_id, model, example, spec.registered_model_name)
-        tracker.set_tags(run_id, {"sdd_search.registered_version": version, "sdd_search.rank": rank + 1})
+        tracker.set_tags(
+            run_id, {"sdd_search.registered_version": version, "sdd_search.rank": rank + 1}
+        )
         registered.append((row["trial"], version))
         if rank == 0:
             tracker.set_alias(spec.registered_model_name, spec.tracking.alias, version)

@@ -135,7 +135,11 @@ class Spec(BaseModel):
     @property
     def trial(self) -> TrialConfig:
         return TrialConfig(
-            data=self.data, teacher=self.teacher, student=self.student, distill=self.distill, train=self.train
+            data=self.data,
+            teacher=self.teacher,
+            student=self.student,
+            distill=self.distill,
+            train=self.train,
         )
 
     @property
@@ -215,9 +219,13 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> Spec:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: expected a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
+        raise SpecError(
+            f"{source}: expected a mapping of sections (data, teacher, ...), got {type(raw).__name__}"
+        )
     if raw.get("preset") is not None and raw["preset"] not in PRESETS:
-        raise SpecError(f"{source}: preset: expected one of {', '.join(PRESETS)}, got {raw['preset']!r}")
+        raise SpecError(
+            f"{source}: preset: expected one of {', '.join(PRESETS)}, got {raw['preset']!r}"
+        )
     try:
         spec = Spec.model_validate(_apply_preset(raw))
     except ValidationError as error:
@@ -266,7 +274,10 @@ def _check_semantics(spec: Spec, source: str) -> None:
     def fail(field: str, message: str) -> None:
         raise SpecError(f"{source}: {field}: {message}")
 
-    for field, name in (("teacher.model", spec.teacher.model), ("student.model", spec.student.model)):
+    for field, name in (
+        ("teacher.model", spec.teacher.model),
+        ("student.model", spec.student.model),
+    ):
         problem = model_name_problem(name)
         if problem:
             fail(field, problem)
@@ -280,7 +291,11 @@ def _check_semantics(spec: Spec, source: str) -> None:
             for split in ("train", "val"):
                 if not (root / split).is_dir():
                     fail("data.root", f"expected {root / split}/<class>/*.jpg")
-    if spec.data.dataset in ("cifar100", "cifar10") and not spec.data.root and not spec.data.download:
+    if (
+        spec.data.dataset in ("cifar100", "cifar10")
+        and not spec.data.root
+        and not spec.data.download
+    ):
         fail("data.root", f"{spec.data.dataset} needs data.root (or data.download: true)")
     if spec.teacher.source == "checkpoint":
         checkpoint = Path(spec.teacher.checkpoint).expanduser()
@@ -289,7 +304,10 @@ def _check_semantics(spec: Spec, source: str) -> None:
     if spec.train.milestones and any(m > spec.train.epochs for m in spec.train.milestones):
         fail("train.milestones", f"every milestone must be <= train.epochs ({spec.train.epochs})")
     if spec.search.metric not in METRICS:
-        fail("search.metric", f"expected one of {', '.join(sorted(METRICS))}, got {spec.search.metric!r}")
+        fail(
+            "search.metric",
+            f"expected one of {', '.join(sorted(METRICS))}, got {spec.search.metric!r}",
+        )
     if spec.search.scheduler == "asha" and spec.search.grace_period > spec.train.epochs:
         fail("search.grace_period", f"must be <= train.epochs ({spec.train.epochs})")
     if spec.search.max_concurrent > spec.search.num_trials:
@@ -300,7 +318,9 @@ def _check_semantics(spec: Spec, source: str) -> None:
             fail(field, f"not a searchable knob; expected one of {', '.join(SEARCHABLE)}")
         if knob == "scales":
             if space.choices is None:
-                fail(field, "expected choices: a list of scale sets such as [[1], [1, 2], [1, 2, 4]]")
+                fail(
+                    field, "expected choices: a list of scale sets such as [[1], [1, 2], [1, 2, 4]]"
+                )
             for choice in space.choices:
                 try:
                     if not isinstance(choice, list):
@@ -320,7 +340,9 @@ def _check_semantics(spec: Spec, source: str) -> None:
                     type(section).model_validate({**section.model_dump(), knob: value})
                 except ValidationError as error:
                     fail(field, f"{value!r} is not allowed ({error.errors()[0]['msg']})")
-    if spec.resources.gpus_per_worker > 1 and spec.resources.gpus_per_worker != int(spec.resources.gpus_per_worker):
+    if spec.resources.gpus_per_worker > 1 and spec.resources.gpus_per_worker != int(
+        spec.resources.gpus_per_worker
+    ):
         fail("resources.gpus_per_worker", "above 1 it must be a whole number")
 
 

@@ -32,7 +32,9 @@ def cache_dir(config: TeacherConfig | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sdd-search"
 
 
-def save_model_file(path: str | os.PathLike, model: nn.Module, model_name: str, num_classes: int) -> None:
+def save_model_file(
+    path: str | os.PathLike, model: nn.Module, model_name: str, num_classes: int
+) -> None:
     """Write a model in our checkpoint format (atomically: a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,9 @@ def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(payload.get(key), dict):
                 payload = payload[key]
                 break
-    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+    if not isinstance(payload, dict) or not all(
+        isinstance(v, torch.Tensor) for v in payload.values()
+    ):
         raise TeacherError(f"teacher.checkpoint: {path} holds no state_dict of tensors")
     # DataParallel / DDP / torch.compile prefixes.
     for prefix in ("module.", "_orig_mod."):
@@ -78,7 +82,9 @@ def load_model_file(
     path = Path(path)
     state_dict = _state_dict_from_file(path)
     model = create_model(model_name, num_classes=num_classes)
-    head_weight = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][-1].weight
+    head_weight = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][
+        -1
+    ].weight
     head_key = next(name for name, p in model.named_parameters() if p is head_weight)
     if head_key in state_dict and state_dict[head_key].shape[0] != num_classes:
         raise TeacherError(
@@ -99,7 +105,9 @@ def teacher_cache_key(config: TrialConfig) -> str:
     content = {
         "model": config.teacher.model,
         "data": config.data.model_dump(exclude={"root", "download", "num_workers"}),
-        "data_root": str(Path(config.data.root).expanduser().resolve()) if config.data.root else None,
+        "data_root": str(Path(config.data.root).expanduser().resolve())
+        if config.data.root
+        else None,
         "train": teacher_train.model_dump(exclude={"device", "num_threads", "compile"}),
         "version": 1,
     }
@@ -109,7 +117,11 @@ def teacher_cache_key(config: TrialConfig) -> str:
 
 def cached_teacher_path(config: TrialConfig) -> Path:
     name = config.teacher.model.replace("/", "_")
-    return cache_dir(config.teacher) / "teachers" / f"{name}-{config.data.dataset}-{teacher_cache_key(config)}.pt"
+    return (
+        cache_dir(config.teacher)
+        / "teachers"
+        / f"{name}-{config.data.dataset}-{teacher_cache_key(config)}.pt"
+    )
 
 
 def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
@@ -139,17 +151,23 @@ def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
             "train": teacher_train,
         }
     )
-    log(f"teacher: training {config.teacher.model} once ({teacher_train.epochs} epochs), cache {path}")
+    log(
+        f"teacher: training {config.teacher.model} once ({teacher_train.epochs} epochs), cache {path}"
+    )
     result = run_trial(teacher_config, teacher=None)
     save_model_file(path, result.model, config.teacher.model, result.num_classes)
     log(f"teacher: val top-1 {result.best['val_top1']:.2f}% -> {path}")
     return path
 
 
-def load_teacher(config: TeacherConfig, num_classes: int, weights_path: str | os.PathLike | None) -> nn.Module:
+def load_teacher(
+    config: TeacherConfig, num_classes: int, weights_path: str | os.PathLike | None
+) -> nn.Module:
     """The teacher in eval mode with frozen parameters (on the CPU; the caller moves it)."""
     if config.source == "torchvision":
-        model = create_model(config.model, num_classes=1000, pretrained=True, weights=config.weights)
+        model = create_model(
+            config.model, num_classes=1000, pretrained=True, weights=config.weights
+        )
         if model.num_classes != num_classes:
             raise TeacherError(
                 f"teacher.model: {config.model} with {config.weights} weights predicts "

@@ -82,12 +82,16 @@ class LogitsOnly(torch.nn.Module):
 class SearchTracker:
     """The MLflow side of one search."""
 
-    def __init__(self, uri: str, experiment: str, search_id: str, artifact_location: str | None = None):
+    def __init__(
+        self, uri: str, experiment: str, search_id: str, artifact_location: str | None = None
+    ):
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         existing = self.client.get_experiment_by_name(experiment)
         if existing is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location
+            )
         else:
             if existing.lifecycle_stage == "deleted":
                 self.client.restore_experiment(existing.experiment_id)
@@ -126,7 +130,9 @@ class SearchTracker:
             self.client.update_run(run_id, status="RUNNING")
         self.parent_run_id = run_id
         for run in self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+            max_results=5000,
         ):
             trial_id = run.data.tags.get(TAG_TRIAL)
             if trial_id:
@@ -184,7 +190,10 @@ class SearchTracker:
         self.client.set_terminated(run_id, status="FAILED" if status == "FAILED" else "FINISHED")
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        rows = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+        rows = [
+            Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v))
+            for k, v in params.items()
+        ]
         for start in range(0, len(rows), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=rows[start : start + 100])
 

@@ -15,7 +15,13 @@ TINY_SPEC: dict = {
     "teacher": {
         "model": "resnet8",
         "source": "train",
-        "train": {"epochs": 2, "batch_size": 128, "lr": 0.1, "schedule": "cosine", "num_threads": 1},
+        "train": {
+            "epochs": 2,
+            "batch_size": 128,
+            "lr": 0.1,
+            "schedule": "cosine",
+            "num_threads": 1,
+        },
     },
     "student": {"model": "resnet8"},
     "distill": {"base": "kd", "scales": [1, 2], "temperature": 4.0},

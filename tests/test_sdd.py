@@ -49,7 +49,11 @@ def _loop_dkd(s, t, y, temperature, alpha, beta):
     bs, bt = [ps[y], 1 - ps[y]], [pt[y], 1 - pt[y]]
     tckd = sum(q * (math.log(q) - math.log(p)) for p, q in zip(bs, bt, strict=True))
     ns, nt = softmax(s, skip=y), softmax(t, skip=y)
-    nckd = sum(q * (math.log(q) - math.log(p)) for i, (p, q) in enumerate(zip(ns, nt, strict=True)) if i != y)
+    nckd = sum(
+        q * (math.log(q) - math.log(p))
+        for i, (p, q) in enumerate(zip(ns, nt, strict=True))
+        if i != y
+    )
     return temperature**2 * (alpha * tckd + beta * nckd)
 
 
@@ -88,7 +92,9 @@ def test_sdd_loss_matches_straightforward_loop(base, temperature):
     student, teacher, target = _cells()
     knobs = {"dkd_alpha": 1.0, "dkd_beta": 8.0, "nkd_gamma": 1.5}
     expected = _loop_sdd(student, teacher, target, base, temperature, 2.0, **knobs)
-    got = sdd_loss(student.float(), teacher.float(), target, base=base, temperature=temperature, **knobs)
+    got = sdd_loss(
+        student.float(), teacher.float(), target, base=base, temperature=temperature, **knobs
+    )
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
@@ -135,13 +141,27 @@ def test_single_cell_is_the_plain_base_loss(base):
     student, teacher = student.float(), teacher.float()
     got = sdd_loss(student, teacher, target, base=base, complementary_weight=5.0)
     if base == "kd":
-        plain = F.kl_div(
-            F.log_softmax(student[:, 0] / 4, 1), F.softmax(teacher[:, 0] / 4, 1), reduction="batchmean"
-        ) * 16
+        plain = (
+            F.kl_div(
+                F.log_softmax(student[:, 0] / 4, 1),
+                F.softmax(teacher[:, 0] / 4, 1),
+                reduction="batchmean",
+            )
+            * 16
+        )
         assert got.item() == pytest.approx(plain.item(), rel=1e-5)
     else:
-        expected = _loop_sdd(student.double(), teacher.double(), target, base, 4.0, 5.0,
-                             dkd_alpha=1.0, dkd_beta=8.0, nkd_gamma=1.5)
+        expected = _loop_sdd(
+            student.double(),
+            teacher.double(),
+            target,
+            base,
+            4.0,
+            5.0,
+            dkd_alpha=1.0,
+            dkd_beta=8.0,
+            nkd_gamma=1.5,
+        )
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -167,7 +187,9 @@ def test_cell_logits_order_and_linearity():
     torch.testing.assert_close(cells[:, 5], head(features[:, :, :2, :2].mean((2, 3))))
     # Pool-then-project equals project-then-pool (class activation map) for a linear head.
     cam = torch.einsum("bchw,kc->bkhw", features, head.weight) + head.bias[:, None, None]
-    torch.testing.assert_close(cells[:, 5:].transpose(1, 2), F.adaptive_avg_pool2d(cam, 4).flatten(2))
+    torch.testing.assert_close(
+        cells[:, 5:].transpose(1, 2), F.adaptive_avg_pool2d(cam, 4).flatten(2)
+    )
 
 
 def test_cell_logits_on_7x7_uses_adaptive_regions():
@@ -210,8 +232,12 @@ def test_large_logits_stay_finite():
 
 def test_identical_logits_give_zero_kd():
     _, teacher, target = _cells()
-    assert sdd_loss(teacher.float(), teacher.float(), target, base="kd").item() == pytest.approx(0, abs=1e-6)
-    assert sdd_loss(teacher.float(), teacher.float(), target, base="dkd").item() == pytest.approx(0, abs=1e-5)
+    assert sdd_loss(teacher.float(), teacher.float(), target, base="kd").item() == pytest.approx(
+        0, abs=1e-6
+    )
+    assert sdd_loss(teacher.float(), teacher.float(), target, base="dkd").item() == pytest.approx(
+        0, abs=1e-5
+    )
 
 
 def test_warmup_factor():

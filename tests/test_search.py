@@ -108,7 +108,9 @@ def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
     # The pyfunc flavour serves the same logits from a numpy batch (the logged signature).
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-student@champion")
     batch = next(iter(val))[0][:4].numpy()
-    np.testing.assert_allclose(pyfunc.predict(batch), model(torch.from_numpy(batch)).detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        pyfunc.predict(batch), model(torch.from_numpy(batch)).detach().numpy(), rtol=1e-5
+    )
 
     # Running the same search again without --resume is a clear error, not an overwrite.
     again = run_cli([str(spec_path)], cwd=tmp_path, timeout=120)
@@ -136,15 +138,15 @@ def test_kill_driver_and_resume(write_spec, teacher_cache, tmp_path):
         }
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "sdd_search", str(spec_path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sdd_search", str(spec_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     experiment_dir = tmp_path / "runs" / "tiny" / "search"
     deadline = time.time() + 400
     # Kill once one trial has finished and others are mid-training.
@@ -173,7 +175,9 @@ def test_kill_driver_and_resume(write_spec, teacher_cache, tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
         assert steps == [1, 2, 3], (run.data.tags["sdd_search.trial_id"], steps)
     # Resuming a search that does not exist is a clear error.
-    missing = run_cli([str(spec_path), "--resume", "--set", "name=nothing-here"], cwd=tmp_path, timeout=120)
+    missing = run_cli(
+        [str(spec_path), "--resume", "--set", "name=nothing-here"], cwd=tmp_path, timeout=120
+    )
     assert missing.returncode == 2 and "no search" in missing.stderr
 
 

@@ -16,11 +16,27 @@ BAD_SPECS = [
     ({"distill": {"base": "fitnet"}}, "distill.base", "expected 'kd', 'dkd' or 'nkd'"),
     ({"distill": {"scales": [2, 4]}}, "distill.scales", "must start with 1"),
     ({"student": {"model": "resnet33"}}, "student.model", "did you mean"),
-    ({"teacher": {"model": "torchvision/resnet51", "source": "torchvision"}}, "teacher.model", "did you mean torchvision/resnet50"),
-    ({"teacher": {"source": "checkpoint", "checkpoint": "/nope/t.pth"}}, "teacher.checkpoint", "no file at /nope/t.pth"),
-    ({"data": {"dataset": "cifar100", "root": "/nope/cifar"}}, "data.root", "no folder at /nope/cifar"),
+    (
+        {"teacher": {"model": "torchvision/resnet51", "source": "torchvision"}},
+        "teacher.model",
+        "did you mean torchvision/resnet50",
+    ),
+    (
+        {"teacher": {"source": "checkpoint", "checkpoint": "/nope/t.pth"}},
+        "teacher.checkpoint",
+        "no file at /nope/t.pth",
+    ),
+    (
+        {"data": {"dataset": "cifar100", "root": "/nope/cifar"}},
+        "data.root",
+        "no folder at /nope/cifar",
+    ),
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "expected 'digits'"),
-    ({"space": {"temperature": {"low": 8, "high": 1}}}, "space.temperature", "low 8.0 is above high 1.0"),
+    (
+        {"space": {"temperature": {"low": 8, "high": 1}}},
+        "space.temperature",
+        "low 8.0 is above high 1.0",
+    ),
     ({"space": {"lr": {"low": 0, "high": 1, "log": True}}}, "space.lr", "log range needs low > 0"),
     ({"space": {"lr": {"low": -1.0, "high": 1.0}}}, "space.lr", "-1.0 is not allowed"),
     ({"space": {"dropout": {"low": 0, "high": 1}}}, "space.dropout", "not a searchable knob"),
@@ -34,7 +50,9 @@ BAD_SPECS = [
 ]
 
 
-@pytest.mark.parametrize(("updates", "field", "expected"), BAD_SPECS, ids=[case[1] for case in BAD_SPECS])
+@pytest.mark.parametrize(
+    ("updates", "field", "expected"), BAD_SPECS, ids=[case[1] for case in BAD_SPECS]
+)
 def test_bad_spec_is_one_line_naming_file_and_field(write_spec, capsys, updates, field, expected):
     path = write_spec(updates)
     assert main([str(path), "--check"]) == 2
@@ -56,7 +74,19 @@ def test_yaml_syntax_and_missing_file(tmp_path, capsys):
 
 def test_overrides_and_check_print_the_plan(write_spec, capsys):
     path = write_spec()
-    assert main([str(path), "--check", "--set", "search.num_trials=64", "--set", "distill.scales=[1, 2, 4]"]) == 0
+    assert (
+        main(
+            [
+                str(path),
+                "--check",
+                "--set",
+                "search.num_trials=64",
+                "--set",
+                "distill.scales=[1, 2, 4]",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "64 trials" in out and "scales=[1, 2, 4]" in out and "spec OK" in out
     assert main([str(path), "--check", "--set", "search.num_trials"]) == 2
@@ -84,4 +114,7 @@ def test_presets_and_ready_specs(tmp_path):
     assert imagenet.resources.workers == 8 and imagenet.train.batch_size * 8 == 256
     quick = load_spec(root / "search_spaces" / "quickstart.yaml")
     assert quick.data.dataset == "digits" and quick.resources.gpus_per_worker == 0
-    assert yaml.safe_load((root / "search_spaces" / "quickstart.yaml").read_text())["name"] == "quickstart"
+    assert (
+        yaml.safe_load((root / "search_spaces" / "quickstart.yaml").read_text())["name"]
+        == "quickstart"
+    )

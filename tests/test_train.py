@@ -29,7 +29,9 @@ def tiny_config(tmp_path, **distill) -> TrialConfig:
             train=TrainConfig(epochs=2, batch_size=128, lr=0.1, schedule="cosine", num_threads=1),
         ),
         distill=DistillConfig(scales=[1, 2], **distill),
-        train=TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="multistep", milestones=[2], num_threads=1),
+        train=TrainConfig(
+            epochs=3, batch_size=128, lr=0.1, schedule="multistep", milestones=[2], num_threads=1
+        ),
     )
 
 
@@ -50,7 +52,11 @@ def test_teacher_is_trained_once_and_cached(trained_teacher):
     assert path.stat().st_mtime_ns == stamp and "cached" in lines[0]
     # A different recipe is a different teacher.
     other = config.model_copy(
-        update={"teacher": config.teacher.model_copy(update={"train": config.teacher.train.model_copy(update={"epochs": 3})})}
+        update={
+            "teacher": config.teacher.model_copy(
+                update={"train": config.teacher.train.model_copy(update={"epochs": 3})}
+            )
+        }
     )
     assert cached_teacher_path(other) != path
 
@@ -97,8 +103,12 @@ def test_restart_continues_exactly(trained_teacher, tmp_path):
     resumed = run_trial(config, teacher=teacher, resume_from=tmp_path / "ckpt" / CHECKPOINT_FILE)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["val_top1"] == straight.history[-1]["val_top1"]
-    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+    assert resumed.history[-1]["train_loss"] == pytest.approx(
+        straight.history[-1]["train_loss"], rel=1e-6
+    )
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=name)
 
 

@@ -1,0 +1,71 @@
+"""Orchestration overhead of a search: trial wall time minus time inside the training loop.
+
+Runs the quickstart spec (digits, CPU, local Ray, MLflow sqlite) at two or more trial lengths in
+one go and prints, for each, the median trial wall time, the median time outside the loop
+(placement, worker start, teacher fetch, checkpoints, evaluation is inside the loop, logging)
+and the overhead as a fraction of all trial time, plus the whole search's wall time.
+
+    python benchmarks/bench_overhead.py                       # epochs 2 and 8, 4 trials each
+    python benchmarks/bench_overhead.py --epochs 2 8 16 --trials 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "quickstart.yaml"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    from sdd_search.search import run_search
+    from sdd_search.spec import load_spec
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for epochs in args.epochs:
+            spec = load_spec(
+                args.spec,
+                [
+                    f"name=overhead-{epochs}",
+                    f"train.epochs={epochs}",
+                    f"search.num_trials={args.trials}",
+                    f"search.max_concurrent={args.concurrent}",
+                    "search.scheduler=none",
+                    "search.references=false",
+                    "search.top_k=0",
+                    f"storage={tmp}/runs",
+                    f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                ],
+            )
+            outcome = run_search(spec, log=lambda line: None)
+            ray.shutdown()
+            overhead = outcome.overhead
+            rows.append((epochs, outcome.wall_seconds, overhead))
+            print(
+                f"epochs={epochs:<3} trials={args.trials} concurrent={args.concurrent} "
+                f"search_wall={outcome.wall_seconds:.1f}s "
+                f"median_trial_wall={overhead['median_trial_wall_s']:.1f}s "
+                f"median_outside_loop={overhead['median_overhead_s']:.1f}s "
+                f"overhead_fraction={overhead['fraction']:.3f}",
+                flush=True,
+            )
+    summary = " ".join(f"overhead_at_{e}_epochs={o['fraction']:.3f}" for e, _, o in rows)
+    print(f"RESULT {summary} median_outside_loop_s={rows[-1][2]['median_overhead_s']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The MLflow UI lists a search's trials: a real `mlflow server` on localhost, a tiny search
+logged to it over HTTP, and the experiment's runs page rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium")  # Debian's package (.ci/run installs it)
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
+# No huey job runners (GenAI scorers, trace rollups): seven fewer processes to start and stop.
+SERVER_ENV = {**QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+SERVER_START_TIMEOUT = 180  # an MLflow 3 server takes 30-80 s to come up on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, request):
+    """A real `mlflow server` (sqlite store, proxied artifacts) -> its http URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed by the finalizer)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/srv.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **SERVER_ENV},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the uvicorn worker goes with it
+    )
+
+    def stop() -> None:
+        if server.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):  # the group's stragglers, if the leader went first
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        log.close()
+
+    request.addfinalizer(stop)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while not healthy(url):
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"mlflow server not healthy after {SERVER_START_TIMEOUT}s:\n{log_path.read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    return url
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    """Headless Chromium, offline-quiet, with a throwaway profile."""
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=20000",  # let the SPA fetch and render the runs table
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b[^>]*>.*?</\1>", " ", dom, flags=re.S | re.I)
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
+)
+def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_path):
+    url = mlflow_server
+    spec_path = write_spec(
+        {
+            "tracking": {"uri": url},
+            "search": {"num_trials": 2, "max_concurrent": 2, "references": False, "top_k": 1},
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sdd_search", str(spec_path)],
+        cwd=tmp_path,
+        env={**os.environ, **QUIET},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"browse every trial: open {url}" in result.stdout
+    assert "registered tiny-student v1" in result.stdout
+
+    # Everything went through the server's REST API: runs, registry, proxied artifacts.
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    experiment = client.get_experiment_by_name("sdd-search/tiny")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("sdd_search.role") == "parent"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["sdd_search.role"] for r in trials) == ["trial", "trial"]
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.data.metrics.get("val_top1") is not None for r in trials)
+    versions = client.search_model_versions("name='tiny-student'")
+    assert [v.version for v in versions] == ["1"]
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert champion.run_id in {r.info.run_id for r in trials}
+    assert list((tmp_path / "artifacts").rglob("MLmodel")), "model not stored via the server"
+
+    # The UI: the experiment's runs page, sorted by run name so nested runs are listed flat
+    # (sorted by date, the default, MLflow folds children under their collapsed parent).
+    query = urllib.parse.urlencode(
+        {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=urllib.parse.quote
+    )
+    page = f"{url}/#/experiments/{experiment.experiment_id}/runs?{query}"
+    names = sorted(r.info.run_name for r in trials)
+    assert all(name.startswith("trial-") for name in names), names
+    text = ""
+    for attempt in range(3):  # a busy machine can leave the first render short of the table
+        shown = chromium(["--dump-dom", page], tmp_path / f"profile-dom-{attempt}")
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        text = visible_text(shown.stdout)
+        if all(name in text for name in names):
+            break
+    missing = [name for name in names if name not in text]
+    assert not missing, f"{missing} not listed at {page}; page text: {text[:3000]}"
+    assert parent.info.run_name in text and "sdd-search/tiny" in text
+
+    screenshot = tmp_path / "mlflow-ui.png"
+    shot = chromium(
+        ["--window-size=1400,900", f"--screenshot={screenshot}", page], tmp_path / "profile-shot"
+    )
+    assert shot.returncode == 0, shot.stderr[-3000:]
+    assert screenshot.stat().st_size > 10_000
