@@ -135,18 +135,25 @@ def searched_params(config: dict) -> dict[str, Any]:
 
 def _teacher_state(trial: TrialConfig) -> dict | None:
     """The teacher's weights as numpy arrays: read zero-copy from each node's object store."""
-    from sdd_search.data import dataset_info
     from sdd_search.teacher import ensure_teacher, load_teacher
 
     if trial.distill.method == "none" and trial.teacher.source != "torchvision":
         return None
-    info = dataset_info(trial.data.dataset, trial.data.root, trial.data.image_size)
-    if trial.data.dataset == "synthetic":
-        info_classes = trial.data.synthetic_num_classes
-    else:
-        info_classes = info.num_classes
-    teacher = load_teacher(trial.teacher, info_classes, ensure_teacher(trial))
+    teacher = load_teacher(trial.teacher, _dataset_info(trial).num_classes, ensure_teacher(trial))
     return {k: v.detach().cpu().numpy() for k, v in teacher.state_dict().items()}
+
+
+def _dataset_info(trial: TrialConfig):
+    from sdd_search.data import dataset_info
+
+    data = trial.data
+    return dataset_info(
+        data.dataset,
+        data.root,
+        data.image_size,
+        synthetic_num_classes=data.synthetic_num_classes,
+        synthetic_size=data.synthetic_size,
+    )
 
 
 def _teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
@@ -194,7 +201,11 @@ def _train_worker(loop_config: dict) -> None:
             run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
         except NonFiniteLossError as error:
             # A diverged trial is an outcome, not a crash: retrying it would diverge again.
-            ray.train.report({"nonfinite_loss": 1.0, "stop_reason": str(error), "epoch": -1})
+            # Tune rejects a result without the searched metric (it would end the whole search):
+            # NaN, "no value" (Optuna records the trial as failed). No "epoch": nothing was
+            # trained; ASHA skips a result without one.
+            metric = loop_config.get("metric", "val_top1")
+            ray.train.report({"nonfinite_loss": 1.0, "stop_reason": str(error), metric: math.nan})
 
 
 def _trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
@@ -221,6 +232,7 @@ def _trial_driver(config: dict, teacher: dict | None = None, setup: dict | None 
             "trial": trial.model_dump(mode="json"),
             "teacher": teacher,
             "num_classes": setup["num_classes"],
+            "metric": setup.get("metric", "val_top1"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers"],
@@ -398,6 +410,7 @@ def _setup(spec: Spec, num_classes: int) -> dict:
         "resources": spec.resources.model_dump(),
         "train_storage": f"{spec.experiment_path()}/train",
         "num_classes": num_classes,
+        "metric": spec.search.metric,
     }
 
 
@@ -426,7 +439,9 @@ def _tune_config(spec: Spec):
     if spec.search.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="epoch",
-            max_t=spec.train.epochs,
+            # One past the last epoch: a trial that reaches the end finishes by itself (a clean
+            # Train shutdown) instead of being stopped, i.e. killed, by the scheduler.
+            max_t=spec.train.epochs + 1,
             grace_period=spec.search.grace_period,
             reduction_factor=spec.search.reduction_factor,
         )
@@ -444,7 +459,7 @@ def _tune_config(spec: Spec):
     )
 
 
-def _reporter(spec: Spec):
+def _reporter(knobs: list[str]):
     """A live trial table with the searched knobs and the metrics that matter, not the config."""
     from ray.tune import CLIReporter
 
@@ -455,7 +470,7 @@ def _reporter(spec: Spec):
             "best_val_top1": "best",
             "train_loss": "loss",
         },
-        parameter_columns={k: k for k in [ROLE_KEY, *spec.space]},
+        parameter_columns={k: k for k in [ROLE_KEY, *knobs]},
         max_report_frequency=30,
         sort_by_metric=True,
         max_progress_rows=30,
@@ -498,7 +513,7 @@ def _fit(name: str, spec: Spec, trainable, param_space: dict, tune_config, callb
                 storage_path=spec.experiment_path(),
                 callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                progress_reporter=_reporter(spec),
+                progress_reporter=_reporter(list(spec.space) if name == "search" else []),
                 verbose=1,
             ),
         )
@@ -523,7 +538,9 @@ def _rows(results, role_of) -> list[dict[str, Any]]:
                 "status": "error"
                 if result.error
                 else ("nan" if metrics.get("nonfinite_loss") else "done"),
-                "epochs": int(metrics.get("epoch", 0) or 0),
+                "epochs": int(frame["epoch"].max())
+                if frame is not None and "epoch" in frame and frame["epoch"].notna().any()
+                else 0,
                 "val_top1": float(metrics.get("val_top1", float("nan"))),
                 "best_val_top1": best,
                 "params": searched_params(config),
@@ -573,8 +590,6 @@ def run_search(
     """Run (or resume) the whole search described by ``spec``."""
     import ray
 
-    from sdd_search.data import dataset_info
-
     started = time.time()
     experiment_path = spec.experiment_path()
     search_path = f"{experiment_path}/search"
@@ -590,10 +605,8 @@ def run_search(
 
     log(resolved_plan(spec))
     trial = spec.trial
-    info = dataset_info(trial.data.dataset, trial.data.root, trial.data.image_size)
-    num_classes = (
-        trial.data.synthetic_num_classes if trial.data.dataset == "synthetic" else info.num_classes
-    )
+    info = _dataset_info(trial)
+    num_classes = info.num_classes
 
     # Teacher first (trained once and cached), in this process: every trial reuses it.
     teacher_state = _teacher_state(

@@ -168,7 +168,17 @@ class SearchTracker:
         return run_id
 
     def run_id_of(self, trial_id: str) -> str | None:
-        return self._trial_runs.get(trial_id)
+        return self._trial_runs.get(trial_id) or next(
+            (
+                r.info.run_id
+                for r in self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_SEARCH}` = '{self.search_id}'",
+                    max_results=1,
+                )
+            ),
+            None,
+        )
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int) -> None:
         rows = [

@@ -40,6 +40,29 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot continue."""
 
 
+# Fault injection for tests (tests/test_faults.py): SDD_SEARCH_FAIL_AT_EPOCH="EPOCH" makes
+# run_trial raise RuntimeError as it starts that epoch (1-based); "EPOCH:FIELD=VALUE" only in runs
+# whose TrialConfig field (dotted, e.g. train.lr) has str(value) == VALUE. Unset: no effect.
+FAIL_AT_EPOCH_ENV = "SDD_SEARCH_FAIL_AT_EPOCH"
+
+
+def _injected_failure(config: TrialConfig, epoch: int) -> None:
+    rule = os.environ.get(FAIL_AT_EPOCH_ENV, "").strip()
+    if not rule:
+        return
+    at, _, condition = rule.partition(":")
+    if int(at) != epoch:
+        return
+    if condition:
+        field_name, _, expected = condition.partition("=")
+        value = config.model_dump(mode="json")
+        for part in field_name.strip().split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if str(value) != expected.strip():
+            return
+    raise RuntimeError(f"{FAIL_AT_EPOCH_ENV}={rule}: injected failure at epoch {epoch}")
+
+
 @dataclass
 class TrialResult:
     """What a finished run returns."""
@@ -327,6 +350,7 @@ def run_trial(
         os.replace(tmp, directory / CHECKPOINT_FILE)
 
     for epoch in range(start_epoch, train.epochs):
+        _injected_failure(config, epoch + 1)
         epoch_start = time.perf_counter()
         student_net.train()
         train_loader.set_epoch(epoch)

@@ -1,73 +1,100 @@
 """Faults, end to end on a real multi-node Ray cluster (no mocks).
 
-One Ray cluster per module, all on this machine: a head with 0 CPUs (the driver connects there
-and only the Tune/Train bookkeeping may run on it) and two worker nodes with 1 CPU and one
-`trainer` resource each, as separate raylet processes. Specs ask for `resources.custom:
-{trainer: 1}`, so every Train worker must land on a worker node. Storage is a local folder all
-nodes see; every test logs into one MLflow sqlite store (one experiment per test).
+One Ray cluster for the module, all on this machine: a head with 0 CPUs (the driver, this test
+process, connects there) and two worker nodes with 1 CPU and one ``trainer`` resource each, each
+its own raylet and worker processes. Every spec asks for ``resources.custom: {trainer: 1}``, so a
+Train worker can only run on a worker node. Storage is one local folder that all nodes see, and
+every test logs into one MLflow sqlite store (one experiment per test; the schema is made once).
+
+* one search through the CLI: its trials spread over both worker nodes; one trial raises and
+  ends FAILED with its one-line reason, one diverges (NaN loss) and ends stopped with its reason,
+  and the search finishes the others (three tests on one search, to keep the module fast);
+* killing the node under a training trial: Train restarts it on the other node from its last
+  checkpoint; the time to train again and the epochs redone are measured and printed.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import copy
+import io
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import TINY_SPEC, deep_update
 from mlflow import MlflowClient
+
+from sdd_search.train import FAIL_AT_EPOCH_ENV
 
 pytestmark = pytest.mark.slow
 
 TRAINER = {"trainer": 1}
+# The trial with lr 0.05 raises at the start of its second epoch (train.py's test hook, set in
+# the worker nodes' environment); every other trial trains normally.
+FAILING_LR = 0.05
+FAIL_RULE = f"2:train.lr={FAILING_LR}"
+DIVERGING_LR = 1.0e6
+
+
+def add_worker(cluster):
+    return cluster.add_node(
+        num_cpus=1, resources=dict(TRAINER), env_vars={FAIL_AT_EPOCH_ENV: FAIL_RULE}
+    )
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Path:
-    """One folder (storage + MLflow store) for the whole module: MLflow's schema is made once."""
+    """Storage and the MLflow store of every test in this module."""
     return tmp_path_factory.mktemp("faults")
 
 
 @pytest.fixture(scope="module")
 def cluster(teacher_cache):
+    import ray
     from ray.cluster_utils import Cluster
 
+    # The dashboard, as `ray start --head` has it: Ray Train's placement-group cleaner needs its
+    # state API to free the placement group of a controller lost with its node; without it the
+    # retried trial waits forever for the trainer resource that group still holds.
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False},
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": None},
     )
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources=dict(TRAINER))
-    cluster.wait_for_nodes()
-    yield cluster
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        for _ in range(2):
+            add_worker(cluster)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()  # run_search connected this process to the cluster
+        cluster.shutdown()
 
 
 @pytest.fixture
 def two_workers(cluster):
-    """The module's cluster with two live worker nodes (a test may have removed one)."""
+    """The module's cluster with two live worker nodes (the node-loss test removes one)."""
     while len(cluster.worker_nodes) < 2:
-        cluster.add_node(num_cpus=1, resources=dict(TRAINER))
+        add_worker(cluster)
     cluster.wait_for_nodes()
     return cluster
 
 
-def make_spec(write_spec, shared: Path, name: str, updates: dict):
-    from sdd_search.spec import load_spec
-
-    base = {
-        "name": name,
-        "resources": {"custom": dict(TRAINER)},
-        "tracking": {"uri": f"sqlite:///{shared}/mlflow.db", "registered_model": f"{name}-student"},
-        "storage": str(shared / "runs"),
-    }
-    from conftest import deep_update
-
-    path = write_spec(deep_update(base, updates), name=f"{name}.yaml")
-    return load_spec(path)
+def write_spec(shared: Path, name: str, updates: dict, space: dict | None = None) -> Path:
+    """A tiny spec (conftest's TINY_SPEC) named ``name``, placed on the trainer nodes."""
+    spec = deep_update(copy.deepcopy(TINY_SPEC), updates)
+    spec["name"] = name
+    spec["resources"]["custom"] = dict(TRAINER)
+    spec["tracking"] = {"uri": f"sqlite:///{shared}/mlflow.db", "registered_model": f"{name}-m"}
+    spec["storage"] = str(shared / "runs")
+    if space is not None:
+        spec["space"] = space
+    path = shared / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def mlflow_client(shared: Path) -> MlflowClient:
@@ -75,41 +102,171 @@ def mlflow_client(shared: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def child_runs(client: MlflowClient, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in runs if r.data.tags.get("sdd_search.role") in ("trial", "reference")]
+def search_runs(client: MlflowClient, name: str) -> tuple[object, list]:
+    """(parent run or None, child runs) of the search ``name``."""
+    experiment = client.get_experiment_by_name(f"sdd-search/{name}")
+    if experiment is None:
+        return None, []
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sdd_search.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sdd_search.role") in ("trial", "reference")]
+    return (parents[0] if parents else None), children
 
 
-def actors(cluster, class_name: str) -> list[dict]:
+def steps(client: MlflowClient, run, metric: str = "val_top1") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+
+
+def actors(cluster, class_name: str) -> dict[str, dict]:
+    """GCS's actor table (alive and dead) for one actor class: actor id -> info."""
     table = cluster.global_state.actor_table(None)
-    return [a for a in table.values() if a["ActorClassName"] == class_name]
+    return {k: a for k, a in table.items() if a["ActorClassName"] == class_name}
 
 
-def node_of(cluster, node_id: str):
-    for node in cluster.worker_nodes:
-        if node.node_id == node_id:
-            return node
-    return None
+def node_names(cluster) -> dict[str, str]:
+    names = {cluster.head_node.node_id: "head"}
+    for i, node in enumerate(sorted(cluster.worker_nodes, key=lambda n: n.node_id)):
+        names[node.node_id] = f"worker-{i}"
+    return names
 
 
-def test_node_loss_resumes_from_checkpoint(two_workers, write_spec, shared):
-    """Kill the worker node under a training trial: Train restarts it on the other node from
-    its last checkpoint, and MLflow still shows every epoch once."""
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def search(cluster, teacher_cache, shared):
+    """One search through the CLI (in this process, ``--address`` the cluster): four trials,
+    two at a time. Random sampler, seed 9: lr 0.1 (the spec's point), 0.05 (raises at epoch 2),
+    1e6 (diverges), 0.1."""
+    from sdd_search.cli import main
+
+    while len(cluster.worker_nodes) < 2:
+        add_worker(cluster)
+    cluster.wait_for_nodes()
+    path = write_spec(
+        shared,
+        "faulty",
+        {
+            "resources": {"max_failures": 0},  # a deterministic error: retries would only repeat it
+            "search": {
+                "num_trials": 4,
+                "max_concurrent": 2,
+                "sampler": "random",
+                "seed": 9,
+                "max_failures": 0,
+                "top_k": 1,
+            },
+        },
+        space={"lr": {"choices": [0.1, FAILING_LR, DIVERGING_LR]}},
+    )
+    workers_before = set(actors(cluster, "RayTrainWorker"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(path), "--address", cluster.address])
+    client = mlflow_client(shared)
+    parent, children = search_runs(client, "faulty")
+    by_lr: dict[float, list] = {}
+    for run in children:
+        by_lr.setdefault(float(run.data.params["knob.lr"]), []).append(run)
+    out = out.getvalue()
+    return {
+        "code": code,
+        "out": out,
+        "err": err.getvalue(),
+        "leaderboard": out[out.rindex("Leaderboard") :] if "Leaderboard" in out else "",
+        "client": client,
+        "parent": parent,
+        "children": children,
+        "by_lr": by_lr,
+        "train_workers": {
+            k: a for k, a in actors(cluster, "RayTrainWorker").items() if k not in workers_before
+        },
+    }
+
+
+def leaderboard_rows(text: str) -> list[str]:
+    """The ranked rows of the CLI's leaderboard: "   1  <trial id>  <epochs>  <top-1>% ..."."""
+    return [line for line in text.splitlines() if re.match(r"\s*\d+  \S+\s+\d+\s+\S+%", line)]
+
+
+def test_multi_node_search(search, cluster):
+    """Every trial ran to its end on the worker nodes, both used, each one MLflow child run."""
+    result = search
+    assert result["code"] == 0, result["out"][-3000:] + result["err"][-3000:]
+    assert result["parent"].info.status == "FINISHED"
+    assert len(leaderboard_rows(result["leaderboard"])) == 4, result["leaderboard"]
+    children = result["children"]
+    assert len(children) == 4
+    assert len({r.data.tags["sdd_search.trial_id"] for r in children}) == 4
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)
+    assert all(r.data.tags["sdd_search.status"] != "running" for r in children)
+    # The head has no CPU: every Train worker (1 CPU + 1 trainer) ran on a worker node, one per
+    # trial, and the two concurrent trials (one trainer per node) on both of them.
+    nodes = [a["Address"]["NodeID"] for a in result["train_workers"].values()]
+    assert len(nodes) == 4, result["train_workers"]
+    assert cluster.head_node.node_id not in nodes
+    assert set(nodes) == {node.node_id for node in cluster.worker_nodes}
+
+
+def test_failing_trial_is_recorded_and_search_goes_on(search):
+    result = search
+    assert result["code"] == 0, result["out"][-3000:] + result["err"][-3000:]
+    client, by_lr = result["client"], result["by_lr"]
+    assert sorted(by_lr) == [FAILING_LR, 0.1, DIVERGING_LR], by_lr
+    assert len(by_lr[0.1]) == 2
+
+    (failed,) = by_lr[FAILING_LR]
+    tags = failed.data.tags
+    assert failed.info.status == "FAILED" and tags["sdd_search.status"] == "failed", tags
+    reason = tags["sdd_search.reason"]
+    assert "\n" not in reason and len(reason) < 1000
+    assert reason.startswith("RuntimeError") and "injected failure at epoch 2" in reason, reason
+    assert steps(client, failed) == [1]  # epoch 1 was trained and logged before it raised
+    (row,) = [r for r in leaderboard_rows(result["leaderboard"]) if r.endswith("(error)")]
+    assert re.search(r"\s1\s+\d+\.\d+%", row), row  # 1 epoch trained
+
+    # The search went on: the healthy trials (one started after the failure) finished, and the
+    # best one was registered.
+    for run in by_lr[0.1]:
+        assert run.info.status == "FINISHED" and run.data.tags["sdd_search.status"] == "completed"
+        assert steps(client, run) == [1, 2]
+    registered = [r for r in by_lr[0.1] if "sdd_search.registered_version" in r.data.tags]
+    assert len(registered) == 1
+    assert "registered faulty-m v1" in result["out"]
+
+
+def test_nan_trial_is_stopped_with_reason(search):
+    result = search
+    assert result["code"] == 0, result["out"][-3000:] + result["err"][-3000:]
+    (diverged,) = result["by_lr"][DIVERGING_LR]
+    tags = diverged.data.tags
+    assert diverged.info.status == "FINISHED", tags
+    assert tags["sdd_search.status"] == "stopped", tags
+    assert re.search(r"training loss became (nan|inf) at epoch 1", tags["sdd_search.reason"]), tags
+    assert steps(result["client"], diverged) == []  # no epoch finished, no metrics logged
+    # Ranked last: 0 epochs trained, no accuracy, marked (nan) rather than (error).
+    last = leaderboard_rows(result["leaderboard"])[-1]
+    assert last.endswith("(nan)") and re.match(r"\s*4  \S+\s+0\s+nan%", last), last
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, capsys):
+    """Kill the worker node under a training trial (its raylet and workers, not gracefully):
+    the trial trains again on the other node from its last checkpoint; MLflow shows every
+    epoch once."""
     from sdd_search.search import run_search
+    from sdd_search.spec import load_spec
 
     cluster = two_workers
-    epochs = 8
-    spec = make_spec(
-        write_spec,
-        shared,
-        "nodeloss",
-        {
-            "train": {"epochs": epochs},
-            "search": {"num_trials": 1, "max_concurrent": 1, "top_k": 0},
-        },
+    epochs = 6
+    spec = load_spec(
+        write_spec(
+            shared,
+            "nodeloss",
+            {"train": {"epochs": epochs}, "search": {"num_trials": 1, "top_k": 0}},
+        )
     )
     client = mlflow_client(shared)
     outcome: dict = {}
@@ -117,59 +274,60 @@ def test_node_loss_resumes_from_checkpoint(two_workers, write_spec, shared):
     def search():
         try:
             outcome["result"] = run_search(spec, address=cluster.address, log=lambda *_: None)
-        except BaseException as error:  # surfaced by the assertions below
+        except BaseException as error:  # re-raised by the assertions below
             outcome["error"] = error
 
     thread = threading.Thread(target=search, daemon=True)
     thread.start()
 
-    def logged_steps() -> list:
-        runs = child_runs(client, spec.experiment_name)
-        if not runs:
-            return []
-        return client.get_metric_history(runs[0].info.run_id, "val_top1")
+    def history() -> list:
+        _, children = search_runs(client, "nodeloss")
+        return client.get_metric_history(children[0].info.run_id, "val_top1") if children else []
 
-    # Wait for >= 2 reported epochs, then kill the node the Train worker runs on.
-    deadline = time.time() + 240
-    while time.time() < deadline and len(logged_steps()) < 2:
+    # Once two epochs are logged, kill the node the trial's Train worker runs on.
+    deadline = time.time() + 300
+    while time.time() < deadline and len(history()) < 2:
         assert thread.is_alive(), outcome
         time.sleep(0.2)
-    before = logged_steps()
-    assert 2 <= len(before) < epochs, [m.step for m in before]
-    alive = [a for a in actors(cluster, "RayTrainWorker") if a["State"] == "ALIVE"]
+    alive = [a for a in actors(cluster, "RayTrainWorker").values() if a["State"] == "ALIVE"]
     assert len(alive) == 1, alive
-    victim = node_of(cluster, alive[0]["Address"]["NodeID"])
-    assert victim is not None, "the Train worker is not on a worker node"
-    drivers = {a["ActorClassName"]: a["Address"]["NodeID"] for a in actors(cluster, "ImplicitFunc")}
-    print(f"trial driver on {drivers}, train worker on {victim.node_id}")
-    last_before = max(m.step for m in logged_steps())
+    names = node_names(cluster)
+    victim_id = alive[0]["Address"]["NodeID"]
+    victim = next(n for n in cluster.worker_nodes if n.node_id == victim_id)
+    drivers = [a["Address"]["NodeID"] for a in actors(cluster, "ImplicitFunc").values()]
+    last_before = max(m.step for m in history())
+    assert 2 <= last_before < epochs
+    workers_before = set(actors(cluster, "RayTrainWorker"))
     killed_at = time.time()
     cluster.remove_node(victim, allow_graceful=False)
 
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "search did not finish after the node loss"
-    assert "error" not in outcome, outcome["error"]
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the search did not finish after the node loss"
+    if "error" in outcome:
+        raise outcome["error"]
 
-    history = logged_steps()
-    steps = [m.step for m in history]
-    assert sorted(steps) == list(range(1, epochs + 1)), steps  # every epoch exactly once
-    after = sorted((m for m in history if m.timestamp / 1000 > killed_at), key=lambda m: m.step)
-    first_after = after[0]
-    resumed_from = first_after.step - 1
-    redone = last_before - resumed_from
-    epoch_seconds = {
-        m.step: m.value for m in client.get_metric_history(child_runs(client, spec.experiment_name)[0].info.run_id, "epoch_seconds")
-    }
-    to_report = first_after.timestamp / 1000 - killed_at
-    to_training = to_report - epoch_seconds.get(first_after.step, 0.0)
-    print(
-        f"\nNODE LOSS: killed after epoch {last_before} reported; resumed from checkpoint epoch "
-        f"{resumed_from}; epochs redone: {redone}; node death -> next epoch reported: "
-        f"{to_report:.1f}s (-> training again: {to_training:.1f}s)"
-    )
-    assert resumed_from >= 2 and redone <= 1
-    run = child_runs(client, spec.experiment_name)[0]
+    _, (run,) = search_runs(client, "nodeloss")
     assert run.info.status == "FINISHED" and run.data.tags["sdd_search.status"] == "completed"
-    workers = actors(cluster, "RayTrainWorker")
-    survivor_nodes = {a["Address"]["NodeID"] for a in workers} - {victim.node_id}
-    assert survivor_nodes, workers
+    logged = client.get_metric_history(run.info.run_id, "val_top1")
+    assert sorted(m.step for m in logged) == list(range(1, epochs + 1))  # each epoch once
+    first_after = min((m for m in logged if m.timestamp / 1000 > killed_at), key=lambda m: m.step)
+    resumed_from = first_after.step - 1  # the checkpoint the restarted workers loaded
+    redone = last_before - resumed_from  # reported epochs trained again
+    seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
+    to_report = first_after.timestamp / 1000 - killed_at
+    to_training = to_report - seconds[first_after.step]
+    restarted_on = {
+        names.get(a["Address"]["NodeID"], "?")
+        for k, a in actors(cluster, "RayTrainWorker").items()
+        if k not in workers_before
+    }
+    with capsys.disabled():
+        print(
+            f"\nnode loss: killed {names[victim_id]} (Train worker; trial driver on "
+            f"{', '.join(names.get(d, '?') for d in drivers)}) after epoch {last_before} was "
+            f"reported; Train restarted on {', '.join(sorted(restarted_on)) or '?'} from the "
+            f"epoch-{resumed_from} checkpoint; epochs redone: {redone}; node death -> training "
+            f"again: {to_training:.1f}s, -> next epoch reported: {to_report:.1f}s"
+        )
+    assert restarted_on and names[victim_id] not in restarted_on
+    assert resumed_from >= 2 and 0 <= redone <= 1

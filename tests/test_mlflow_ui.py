@@ -43,61 +43,71 @@ def healthy(url: str) -> bool:
         return False
 
 
+def stop_group(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a process group, SIGKILL what is left of it after ``grace`` seconds."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):  # stragglers, if the leader went first
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+class MlflowServer:
+    """A real `mlflow server` (sqlite store, proxied artifacts), started but not yet waited for."""
+
+    def __init__(self, root: Path):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = root / "server.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed by stop())
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root}/srv.db",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.url.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            env={**os.environ, **SERVER_ENV},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the uvicorn worker goes with it
+        )
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not healthy(self.url):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not healthy after {SERVER_START_TIMEOUT}s")
+            time.sleep(1)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-3000:]
+
+    def stop(self) -> None:
+        stop_group(self.process, grace=5)
+        self._log.close()
+
+
 @pytest.fixture
-def mlflow_server(tmp_path: Path, request):
-    """A real `mlflow server` (sqlite store, proxied artifacts) -> its http URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "w")  # noqa: SIM115 (closed by the finalizer)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/srv.db",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, **SERVER_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the uvicorn worker goes with it
-    )
-
-    def stop() -> None:
-        if server.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):  # the group's stragglers, if the leader went first
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-        log.close()
-
-    request.addfinalizer(stop)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while not healthy(url):
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"mlflow server not healthy after {SERVER_START_TIMEOUT}s:\n{log_path.read_text()[-3000:]}"
-            )
-        time.sleep(1)
-    return url
+def mlflow_server(tmp_path: Path):
+    server = MlflowServer(tmp_path)
+    yield server
+    server.stop()
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
@@ -133,24 +143,38 @@ def visible_text(dom: str) -> str:
     CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
 )
 def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_path):
-    url = mlflow_server
+    url = mlflow_server.url
     spec_path = write_spec(
         {
             "tracking": {"uri": url},
+            "train": {"epochs": 1},
             "search": {"num_trials": 2, "max_concurrent": 2, "references": False, "top_k": 1},
         }
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "sdd_search", str(spec_path)],
-        cwd=tmp_path,
-        env={**os.environ, **QUIET},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"browse every trial: open {url}" in result.stdout
-    assert "registered tiny-student v1" in result.stdout
+    # The search starts while the server is still coming up (its first MLflow call comes after
+    # the teacher and Ray; the client retries a refused connection for minutes): ~40 s saved.
+    out, err = tmp_path / "cli.out", tmp_path / "cli.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "sdd_search", str(spec_path)],
+            cwd=tmp_path,
+            env={**os.environ, **QUIET},
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        try:
+            mlflow_server.wait_healthy()
+        except RuntimeError as error:
+            pytest.fail(f"{error}:\n{mlflow_server.log_tail()}")
+        returncode = cli.wait(timeout=600)
+    finally:
+        stop_group(cli, grace=20)  # a no-op once it has exited
+    stdout_text, stderr_text = out.read_text(), err.read_text()
+    assert returncode == 0, stdout_text[-3000:] + stderr_text[-3000:]
+    assert f"browse every trial: open {url}" in stdout_text
+    assert "registered tiny-student v1" in stdout_text, stdout_text[-3000:]
 
     # Everything went through the server's REST API: runs, registry, proxied artifacts.
     client = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -164,24 +188,28 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["sdd_search.role"] for r in trials) == ["trial", "trial"]
     assert all(r.info.status == "FINISHED" for r in trials)
-    assert all(r.data.metrics.get("val_top1") is not None for r in trials)
+    assert all("val_top1" in r.data.metrics for r in trials)
     versions = client.search_model_versions("name='tiny-student'")
     assert [v.version for v in versions] == ["1"]
     champion = client.get_model_version_by_alias("tiny-student", "champion")
     assert champion.run_id in {r.info.run_id for r in trials}
     assert list((tmp_path / "artifacts").rglob("MLmodel")), "model not stored via the server"
 
-    # The UI: the experiment's runs page, sorted by run name so nested runs are listed flat
-    # (sorted by date, the default, MLflow folds children under their collapsed parent).
+    # The UI: the experiment's runs page sorted by run name, so nested runs are listed flat
+    # (sorted by date, the default, MLflow folds the trials under their collapsed parent).
     query = urllib.parse.urlencode(
         {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=urllib.parse.quote
     )
     page = f"{url}/#/experiments/{experiment.experiment_id}/runs?{query}"
     names = sorted(r.info.run_name for r in trials)
     assert all(name.startswith("trial-") for name in names), names
+    screenshot = tmp_path / "mlflow-ui.png"
     text = ""
-    for attempt in range(3):  # a busy machine can leave the first render short of the table
-        shown = chromium(["--dump-dom", page], tmp_path / f"profile-dom-{attempt}")
+    for attempt in range(3):  # a busy machine can leave a render short of the table
+        shown = chromium(
+            ["--window-size=1400,900", f"--screenshot={screenshot}", "--dump-dom", page],
+            tmp_path / f"chromium-profile-{attempt}",
+        )
         assert shown.returncode == 0, shown.stderr[-3000:]
         text = visible_text(shown.stdout)
         if all(name in text for name in names):
@@ -189,10 +217,4 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
     missing = [name for name in names if name not in text]
     assert not missing, f"{missing} not listed at {page}; page text: {text[:3000]}"
     assert parent.info.run_name in text and "sdd-search/tiny" in text
-
-    screenshot = tmp_path / "mlflow-ui.png"
-    shot = chromium(
-        ["--window-size=1400,900", f"--screenshot={screenshot}", page], tmp_path / "profile-shot"
-    )
-    assert shot.returncode == 0, shot.stderr[-3000:]
     assert screenshot.stat().st_size > 10_000
