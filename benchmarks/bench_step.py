@@ -50,13 +50,19 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--kd-mode", default=None, help="mode in which plain KD is also timed")
     parser.add_argument("--steps", type=int, default=None, help="training steps per repeat")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode for the compiled modes (default: run_trial's, i.e. default); "
+        "e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs",
+    )
     args = parser.parse_args()
     device = resolve(
         args,
         cpu={
             "batch_sizes": "32",
             "modes": "eager_fp32,eager_bf16,compiled_fp32",
-            "kd_mode": "compiled_fp32",
+            "kd_mode": "eager_fp32",  # one compile only: CPU compiles take about a minute
             "repeats": 5,
             "warmup": 1,
             "steps": 1,
@@ -103,6 +109,7 @@ def main() -> None:
                     amp=amp,
                     channels_last=channels_last,
                     compile=compiled,
+                    compile_mode=args.compile_mode,
                 )
                 first = first_call_seconds(step, images, labels)
                 print(f"{mode} {method}: first step {first:.1f} s (compile, allocation)")

@@ -24,6 +24,10 @@ from sdd_search.config import DistillConfig, TrainConfig  # noqa: E402
 from sdd_search.models import create_model  # noqa: E402
 from sdd_search.train import DistillationStep, StudentWithCells  # noqa: E402
 
+# One process compiles many step variants (modes x batch sizes x methods): keep them all compiled
+# instead of falling back to eager after dynamo's default 8 recompiles.
+torch._dynamo.config.recompile_limit = 64
+
 TEACHER = "resnet32x4"
 STUDENT = "resnet8x4"
 NUM_CLASSES = 100
@@ -64,7 +68,10 @@ def describe(args: argparse.Namespace, device: torch.device, script: str) -> Non
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = f"CPU, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+        machine = (
+            f"CPU, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
+            f"load average {os.getloadavg()[0]:.1f} at start (others' work skews the timings)"
+        )
     print(f"# {script}: torch {torch.__version__} on {machine}")
     for key, value in sorted(vars(args).items()):
         print(f"#   {key} = {value}")
@@ -155,6 +162,7 @@ def build_step(
     channels_last: bool = False,
     compile: bool = False,
     distill: bool = True,
+    compile_mode: str | None = None,
 ) -> Step:
     """Teacher + student + SGD + the fused step, with the product's defaults (DistillConfig,
     TrainConfig) so that compiled graphs match run_trial's and hit the same inductor cache."""
@@ -178,7 +186,7 @@ def build_step(
         weight_decay=train.weight_decay,
     )
     step = DistillationStep(student_net, teacher_net, config, amp=amp)
-    step_fn = torch.compile(step, dynamic=False) if compile else step
+    step_fn = torch.compile(step, dynamic=False, mode=compile_mode) if compile else step
     return Step(
         step_fn,
         optimizer,

@@ -175,7 +175,7 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, run_trial
+    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, load_checkpoint, run_trial
 
     trial = TrialConfig.model_validate(loop_config["trial"])
     teacher = None
@@ -197,6 +197,11 @@ def _train_worker(loop_config: dict) -> None:
         if checkpoint is not None:
             directory = stack.enter_context(checkpoint.as_directory())
             resume_from = Path(directory) / CHECKPOINT_FILE
+            # Replay the epochs the checkpoint holds: a driver killed between Train saving a
+            # checkpoint and Tune recording its result would otherwise lose those epochs (or,
+            # for a finished trial, every result). The MLflow callback drops epochs it has.
+            for row in load_checkpoint(resume_from)["history"]:
+                ray.train.report({**row, "replayed": 1.0})
         try:
             run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
         except NonFiniteLossError as error:
@@ -268,6 +273,7 @@ class MlflowTrialCallback(Callback):
         self.base_trial = base_trial
         self._tracker: SearchTracker | None = None
         self.timings: dict[str, dict[str, float]] = {}
+        self.logged_epochs: dict[str, int] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -308,23 +314,33 @@ class MlflowTrialCallback(Callback):
     def on_trial_restore(self, iteration, trials, trial, **info):
         self.on_trial_start(iteration, trials, trial)
 
+    def _logged_epoch(self, trial_id: str, run_id: str) -> int:
+        """The last epoch this trial's run holds (read from MLflow once per driver)."""
+        if trial_id not in self.logged_epochs:
+            history = self.tracker.client.get_metric_history(run_id, "val_top1")
+            self.logged_epochs[trial_id] = max((m.step for m in history), default=0)
+        return self.logged_epochs[trial_id]
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run(trial)
         if result.get("nonfinite_loss"):
             return
+        epoch = int(result.get("epoch", 0) or 0)
+        if epoch <= self._logged_epoch(trial.trial_id, run_id):
+            return  # a replay after a restart: MLflow has this epoch already
+        self.logged_epochs[trial.trial_id] = epoch
         keep = {k: v for k, v in result.items() if k in _LOGGED_METRICS}
-        self.tracker.log_epoch(
-            run_id, keep, step=int(result.get("epoch", 0)), timestamp_ms=int(time.time() * 1000)
-        )
+        self.tracker.log_epoch(run_id, keep, step=epoch, timestamp_ms=int(time.time() * 1000))
         if result.get("node_ip"):
             self.tracker.set_tags(
                 run_id,
                 {"sys.node_ip": result["node_ip"], "sys.hostname": result.get("hostname", "")},
             )
-        timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
-        timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(
-            result.get("epoch_seconds", 0.0)
-        )
+        if not result.get("replayed"):
+            timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
+            timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(
+                result.get("epoch_seconds", 0.0)
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
