@@ -353,7 +353,7 @@ class ResidentLoader:
         if train and len(self) == 0:
             raise DatasetError(
                 f"{name}: batch_size {batch_size} x world_size {world_size} exceeds the "
-                f"{self.num_samples} training images; lower data.batch_size"
+                f"{self.num_samples} training images; lower train.batch_size"
             )
 
     def __len__(self) -> int:
@@ -557,7 +557,7 @@ class ImageFolderLoader:
         if train and len(self) == 0:
             raise DatasetError(
                 f"{name}: batch_size {batch_size} x world_size {world_size} exceeds the "
-                f"{len(self._paths)} training images; lower data.batch_size"
+                f"{len(self._paths)} training images; lower train.batch_size"
             )
 
     def __len__(self) -> int:

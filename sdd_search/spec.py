@@ -334,6 +334,8 @@ def _check_semantics(spec: Spec, source: str) -> None:
                 fail(field, f"expected choices among {list(BASE_LOSSES)}, got {bad[0]!r}")
         else:
             section = getattr(spec, SEARCHABLE[knob])
+            if type(section).model_fields[knob].annotation is int:
+                space.type = "int"  # e.g. warmup_epochs: sample whole numbers only
             values = space.choices if space.choices is not None else [space.low, space.high]
             for value in values:
                 try:
