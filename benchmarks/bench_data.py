@@ -11,7 +11,7 @@ resnet32x4 -> resnet8x4, SDD (1, 2, 4), on CIFAR-sized synthetic data (dataset "
    Target: loader-fed / fixed >= 0.90.
 4. For reference, :func:`sdd_search.train.run_trial` itself: its per-epoch
    ``train_images_per_second`` (train loop only, evaluation excluded), median over the epochs
-   after the first (which compiles); ``--no-run-trial`` skips it.
+   after the first (which compiles); always wall time; ``--no-run-trial`` skips it.
 
 Flags follow run_trial's: auto = bf16 + channels_last + compile on CUDA, fp32 eager on the CPU.
 

@@ -128,6 +128,8 @@ def main() -> None:
         cpu={"batch_size": 16, "seconds": 6.0, "repeats": 2, "warmup": 1},
         cuda={"batch_size": 64, "seconds": 6.0, "repeats": 3, "warmup": 10},
     )
+    if args.clock != "wall":
+        raise SystemExit("bench_packing needs --clock wall: it times a window shared by processes")
     describe(args, device, "bench_packing")
     options = {
         "device": str(device),

@@ -40,6 +40,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU only)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu = this process's CPU seconds (CPU device only): steadier than wall time on a "
+        "machine others are using; with --threads 1 it is the time one idle core would take",
+    )
     parser.add_argument("--teacher", default=TEACHER)
     parser.add_argument("--student", default=STUDENT)
     parser.add_argument("--num-classes", type=int, default=NUM_CLASSES)
@@ -60,6 +67,10 @@ def resolve(args: argparse.Namespace, **defaults_by_device: dict) -> torch.devic
         torch.set_num_threads(args.threads)
     else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu only makes sense with the CPU device")
+    global _now
+    _now = time.process_time if args.clock == "cpu" else time.perf_counter
     return device
 
 
@@ -77,6 +88,9 @@ def describe(args: argparse.Namespace, device: torch.device, script: str) -> Non
         print(f"#   {key} = {value}")
 
 
+_now: Callable[[], float] = time.perf_counter  # the benchmark clock (see --clock)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,23 +99,23 @@ def sync(device: torch.device) -> None:
 def median_seconds(
     run: Callable[[], None], *, device: torch.device, repeats: int, warmup: int = 1
 ) -> float:
-    """Median wall seconds of ``run()`` over ``repeats`` timed calls, after ``warmup`` calls."""
+    """Median seconds (of the benchmark clock) of ``run()`` over ``repeats`` timed calls, after ``warmup`` calls."""
     for _ in range(warmup):
         run()
     sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _now()
         run()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(_now() - start)
     return statistics.median(times)
 
 
 def interleaved_seconds(
     runs: dict[str, Callable[[], None]], *, device: torch.device, repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Wall seconds of each ``runs[name]()`` per repeat, the runs taking turns inside a repeat.
+    """Seconds of each ``runs[name]()`` per repeat, the runs taking turns inside a repeat.
 
     Taking turns (A, B, A, B, ...) keeps a noisy, shared machine's drift out of the ratios: take
     the median of the per-repeat ratios (:func:`median_ratio`).
@@ -113,10 +127,10 @@ def interleaved_seconds(
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = _now()
             run()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_now() - start)
     return times
 
 
@@ -216,10 +230,10 @@ def fixed_batch(
 def first_call_seconds(step: Step, images: Tensor, labels: Tensor) -> float:
     """Run one step and return its seconds: the compile time when the step is compiled."""
     sync(step.device)
-    start = time.perf_counter()
+    start = _now()
     step.train(images, labels)
     sync(step.device)
-    return time.perf_counter() - start
+    return _now() - start
 
 
 def train_steps(step: Step, images: Tensor, labels: Tensor, steps: int) -> Callable[[], None]:

@@ -127,6 +127,12 @@ class DistillationStep(nn.Module):
             "nkd_gamma": float(distill.nkd_gamma),
         }
 
+    def train(self, mode: bool = True) -> DistillationStep:
+        super().train(mode)
+        if self.teacher_net is not None:
+            self.teacher_net.eval()  # frozen teacher: BN keeps using its running statistics
+        return self
+
     def forward(self, images: Tensor, labels: Tensor, kd_scale: Tensor) -> tuple[Tensor, Tensor]:
         # bf16 keeps fp32's range: no loss scaler needed.
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -93,6 +93,13 @@ def test_fused_eager_step_equals_plain_step(one_thread):
     assert sums[4].item() == 16.0  # images seen
 
 
+def test_fused_step_keeps_the_teacher_in_eval_mode():
+    student_net, teacher_net = _nets()
+    step = DistillationStep(student_net.eval(), teacher_net, DISTILL)
+    assert step.train() is step
+    assert student_net.training and not teacher_net.training
+
+
 def test_fused_step_without_teacher_is_cross_entropy(one_thread):
     student_net, _ = _nets()
     images, labels = _batch()
