@@ -154,7 +154,7 @@ def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
     log(
         f"teacher: training {config.teacher.model} once ({teacher_train.epochs} epochs), cache {path}"
     )
-    result = run_trial(teacher_config, teacher=None)
+    result = run_trial(teacher_config, teacher=None, log=log)
     save_model_file(path, result.model, config.teacher.model, result.num_classes)
     log(f"teacher: val top-1 {result.best['val_top1']:.2f}% -> {path}")
     return path

@@ -7,6 +7,8 @@ to logits ``(..., K)``). :class:`DistillModel` gives both from one forward pass,
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 
@@ -48,3 +50,19 @@ class DistillModel(nn.Module):
         """Images -> (global logits B x K, feature map B x C x H' x W') in one pass."""
         features = self.forward_features(x)
         return self.forward_head(features), features
+
+
+def init_fan_out_normal(model: nn.Module) -> None:
+    """mdistiller's VGG/MobileNetV2 init: conv N(0, sqrt(2/fan_out)), BN (1, 0), linear N(0, 0.01)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)

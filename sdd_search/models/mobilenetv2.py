@@ -9,11 +9,9 @@ conv2's output after its ReLU, 1280 channels: 2 x 2 for 32 x 32 inputs, 1 x 1 fo
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from sdd_search.models.base import DistillModel
+from sdd_search.models.base import DistillModel, init_fan_out_normal
 from sdd_search.models.registry import register_model
 
 
@@ -97,18 +95,7 @@ class CifarMobileNetV2(DistillModel):
         self.num_classes = num_classes
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_fan_out_normal(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images -> conv2's output after its ReLU."""

@@ -9,12 +9,10 @@ the original). The feature map is ``relu(block4(x))``: 4 x 4 for 32 x 32 inputs,
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdd_search.models.base import DistillModel
+from sdd_search.models.base import DistillModel, init_fan_out_normal
 from sdd_search.models.registry import register_model
 
 # Output channels of each conv in each of the five blocks, by VGG configuration.
@@ -72,18 +70,7 @@ class CifarVGG(DistillModel):
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes)
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_fan_out_normal(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images -> ``relu(block4(...))``."""
