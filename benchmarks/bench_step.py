@@ -72,7 +72,7 @@ def main() -> None:
             "modes": "eager_fp32,fast",
             "kd_mode": "fast",
             "repeats": 7,
-            "warmup": 5,
+            "warmup": 2,
             "steps": 30,
         },
     )

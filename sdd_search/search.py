@@ -572,7 +572,13 @@ def format_leaderboard(rows: list[dict[str, Any]], metric_name: str = "val_top1"
     )
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(rows, 1):
-        knobs = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items()) or "(spec values)"
+        base = row["params"].get("base")
+        shown = {  # a knob of another base loss was not used by this trial
+            k: v
+            for k, v in row["params"].items()
+            if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
+        }
+        knobs = ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "(spec values)"
         name = row["trial"] if row["role"] == "search" else f"[{row['role']}]"
         lines.append(
             f"{rank:>4}  {name:<18} {row['epochs']:>6} {row['val_top1']:>10.2f}% {row['best_val_top1']:>9.2f}%  "
@@ -636,7 +642,12 @@ def run_search(
             # "local" always starts a fresh Ray, never joins another one running on this machine.
             # The dashboard serves the state API that Ray Train's placement-group cleaner needs
             # to free the workers of early-stopped trials.
-            ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level="warning")
+            ray.init(
+                address="local",
+                include_dashboard=True,
+                log_to_driver=False,
+                logging_level="warning",
+            )
     teacher = {"ref": ray.put(teacher_state)} if teacher_state is not None else None
 
     from ray import tune

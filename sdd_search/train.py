@@ -404,7 +404,11 @@ def run_trial(
             )
         completed = epoch + 1
         if report is not None:
-            writer = (lambda directory, e=completed: write_checkpoint(Path(directory), e)) if rank == 0 else None
+            writer = (
+                (lambda directory, e=completed: write_checkpoint(Path(directory), e))
+                if rank == 0
+                else None
+            )
             report(dict(metrics), writer)
         elif checkpoint_dir is not None and rank == 0:
             write_checkpoint(Path(checkpoint_dir), completed)
@@ -415,7 +419,10 @@ def run_trial(
         model=student.cpu(),
         num_classes=info.num_classes,
         history=history,
-        best={"val_top1": best_row.get("val_top1", float("nan")), "epoch": best_row.get("epoch", 0)},
+        best={
+            "val_top1": best_row.get("val_top1", float("nan")),
+            "epoch": best_row.get("epoch", 0),
+        },
     )
 
 
@@ -448,13 +455,21 @@ def evaluate(
         dist.all_reduce(sums)
     loss, top1, top5, seen = sums.tolist()
     seen = max(seen, 1.0)
-    return {"val_loss": loss / seen, "val_top1": 100.0 * top1 / seen, "val_top5": 100.0 * top5 / seen}
+    return {
+        "val_loss": loss / seen,
+        "val_top1": 100.0 * top1 / seen,
+        "val_top5": 100.0 * top5 / seen,
+    }
 
 
-def train_locally(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None = None, log=print) -> TrialResult:
+def train_locally(
+    config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None = None, log=print
+) -> TrialResult:
     """Convenience for scripts: run one trial in this process, resuming from checkpoint_dir if it
     holds a checkpoint."""
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="sdd-"))
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="sdd-"))
+    )
     resume = checkpoint_dir / CHECKPOINT_FILE
     return run_trial(
         config,
