@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             f"orchestration overhead: {100 * o['fraction']:.1f}% of trial time "
             f"(median {o['median_overhead_s']:.1f}s of {o['median_trial_wall_s']:.1f}s per trial)"
         )
+        phases = [(k.removeprefix("phase/"), v) for k, v in o.items() if k.startswith("phase/")]
+        if phases:
+            print("  median per trial: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases))
     print(f"search wall time: {outcome.wall_seconds:.0f}s; results in {outcome.experiment_path}")
     uri = outcome.tracking_uri
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"

@@ -7,11 +7,24 @@ YAML files under ``search_spaces/``, which only say what differs from here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sdd_search.sdd import BASE_LOSSES, validate_scales
+BASE_LOSSES: tuple[str, ...] = ("kd", "dkd", "nkd")
+
+
+def validate_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """Return the scale set as a tuple, or raise ValueError saying what a valid one looks like."""
+    scale_tuple = tuple(int(m) for m in scales)
+    if not scale_tuple or scale_tuple[0] != 1:
+        raise ValueError(
+            f"scale set {list(scales)} must start with 1 (cell 0 is the global 1x1 cell)"
+        )
+    if any(b <= a for a, b in zip(scale_tuple, scale_tuple[1:], strict=False)):
+        raise ValueError(f"scale set {list(scales)} must be strictly increasing, e.g. [1, 2, 4]")
+    return scale_tuple
 
 
 class StrictModel(BaseModel):

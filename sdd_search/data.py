@@ -38,6 +38,7 @@ import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -668,6 +669,42 @@ def _resize_uint8(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     return torch.cat(out)
 
 
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (float ``1797 x 8 x 8`` pixels in 0..16, int64 labels).
+
+    Read straight from the CSV that ships inside scikit-learn, without importing it (importing
+    scikit-learn takes seconds, and every trial's fresh worker process would pay them); falls
+    back to ``sklearn.datasets.load_digits`` where that file is not found.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target.astype(np.int64)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) indices: each class gives round(val_fraction * its size) to val."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = int(round(val_fraction * len(members)))
+        val.append(rng.permutation(members)[:count])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
 @lru_cache(maxsize=4)
 def _digits_arrays(image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits as uint8 ``N x 3 x S x S`` + labels, split into (train, val).
@@ -675,24 +712,15 @@ def _digits_arrays(image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Returns (train_images, train_labels, val_images, val_labels). The 20% stratified validation
     split uses a fixed seed, independent of any run seed.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images.astype(np.float32)) * (255.0 / 16.0)  # 0..16 -> 0..255
+    raw_images, raw_labels = _load_digits()
+    pixels = torch.from_numpy(raw_images.astype(np.float32)) * (255.0 / 16.0)  # 0..16 -> 0..255
     pixels = F.interpolate(
         pixels[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
     )
     images = pixels.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)),
-        test_size=_DIGITS_VAL_FRACTION,
-        stratify=digits.target,
-        random_state=_DIGITS_SPLIT_SEED,
-    )
-    train_idx = torch.from_numpy(np.sort(train_idx))
-    val_idx = torch.from_numpy(np.sort(val_idx))
+    labels = torch.from_numpy(raw_labels)
+    train_idx, val_idx = stratified_split(raw_labels, _DIGITS_VAL_FRACTION, _DIGITS_SPLIT_SEED)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
 
 

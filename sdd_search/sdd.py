@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BaseLoss = Literal["kd", "dkd", "nkd"]
-BASE_LOSSES: tuple[str, ...] = ("kd", "dkd", "nkd")
+from sdd_search.config import BASE_LOSSES, validate_scales  # noqa: F401  (re-exported)
 
+BaseLoss = Literal["kd", "dkd", "nkd"]
 # Added to a target logit to remove it from a softmax (DKD's own constant; exp(-1000) == 0 in fp32).
 _MASK_OFFSET = 1000.0
 
@@ -40,18 +40,6 @@ _MASK_OFFSET = 1000.0
 def num_cells(scales: Sequence[int]) -> int:
     """Number of cells N = sum(m * m) for a scale set such as (1, 2, 4)."""
     return sum(int(m) * int(m) for m in scales)
-
-
-def validate_scales(scales: Sequence[int]) -> tuple[int, ...]:
-    """Return the scale set as a tuple, or raise ValueError saying what a valid one looks like."""
-    scale_tuple = tuple(int(m) for m in scales)
-    if not scale_tuple or scale_tuple[0] != 1:
-        raise ValueError(
-            f"scale set {list(scales)} must start with 1 (cell 0 is the global 1x1 cell)"
-        )
-    if any(b <= a for a, b in zip(scale_tuple, scale_tuple[1:], strict=False)):
-        raise ValueError(f"scale set {list(scales)} must be strictly increasing, e.g. [1, 2, 4]")
-    return scale_tuple
 
 
 def pool_cells(features: Tensor, scales: Sequence[int]) -> Tensor:

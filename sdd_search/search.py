@@ -9,10 +9,8 @@ Ray stays at the edges: the model, loss and loop are plain PyTorch in train.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +22,29 @@ from ray.tune import Callback
 from sdd_search.config import TrialConfig
 from sdd_search.spec import BASE_SPECIFIC, SEARCHABLE, Spec, resolved_plan
 from sdd_search.tracking import SearchTracker, flatten
+from sdd_search.trial import (
+    PHASES,
+    REFERENCE_NAMES,
+    ROLE_KEY,
+    TIMING_PREFIX,
+    TRIAL_KEY,
+    config_of,
+    encode_choice,
+    phase_seconds,
+    searched_params,
+    trial_driver,
+)
 
-REFERENCE_NAMES = ("baseline", "kd")  # a student on labels only, and plain KD (scales [1])
-ROLE_KEY = "sdd_role"
-TRIAL_KEY = "sdd_trial"
+# Ray Train settings for a Ray this search starts itself (one machine; a cluster keeps Ray's
+# defaults). No spot-preemption watcher (one more process per trial, and nothing to preempt);
+# a 1 s controller poll instead of 2 s (reports and the end of a trial arrive sooner).
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+}
+
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
 
 
 class SearchError(RuntimeError):
@@ -36,17 +53,6 @@ class SearchError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # The search space
-
-
-def encode_choice(knob: str, value: Any) -> Any:
-    """Optuna's categorical choices must be scalars: scale sets travel as "1,2,4"."""
-    return ",".join(str(int(m)) for m in value) if knob == "scales" else value
-
-
-def decode_choice(knob: str, value: Any) -> Any:
-    if knob == "scales" and isinstance(value, str):
-        return [int(m) for m in value.split(",")]
-    return value
 
 
 class SpaceSampler:
@@ -104,33 +110,8 @@ def baseline_point(spec: Spec) -> dict[str, Any]:
     return point
 
 
-def trial_config(base: dict, params: dict[str, Any]) -> TrialConfig:
-    """The spec's trial with the sampled knobs applied."""
-    tree = {
-        section: dict(values) if isinstance(values, dict) else values
-        for section, values in base.items()
-    }
-    for knob, value in params.items():
-        if knob in SEARCHABLE:
-            tree[SEARCHABLE[knob]][knob] = decode_choice(knob, value)
-    return TrialConfig.model_validate(tree)
-
-
-def reference_config(base: dict, name: str) -> TrialConfig:
-    tree = {section: dict(values) for section, values in base.items()}
-    if name == "baseline":
-        tree["distill"]["method"] = "none"
-    else:  # plain KD on global logits, the paper's comparison point
-        tree["distill"].update(method="sdd", base="kd", scales=[1], complementary_weight=1.0)
-    return TrialConfig.model_validate(tree)
-
-
-def searched_params(config: dict) -> dict[str, Any]:
-    return {k: decode_choice(k, v) for k, v in config.items() if k in SEARCHABLE}
-
-
 # --------------------------------------------------------------------------------------------
-# What runs on the cluster
+# What runs on the cluster: sdd_search.trial (kept light: every trial imports it afresh)
 
 
 def _teacher_state(trial: TrialConfig) -> dict | None:
@@ -156,106 +137,6 @@ def _dataset_info(trial: TrialConfig):
     )
 
 
-def _teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
-    import torch
-
-    from sdd_search.models import create_model
-
-    teacher = create_model(trial.teacher.model, num_classes=num_classes)
-    teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    teacher.eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    return teacher
-
-
-def _train_worker(loop_config: dict) -> None:
-    """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
-    import ray
-    import ray.train
-    from ray.train import Checkpoint
-
-    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, load_checkpoint, run_trial
-
-    trial = TrialConfig.model_validate(loop_config["trial"])
-    teacher = None
-    if trial.distill.method == "sdd":
-        state = ray.get(loop_config["teacher"]["ref"])
-        teacher = _teacher_from_state(trial, state, loop_config["num_classes"])
-
-    def report(metrics: dict, write_checkpoint) -> None:
-        if write_checkpoint is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            write_checkpoint(Path(tmp))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-    checkpoint = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        resume_from = None
-        if checkpoint is not None:
-            directory = stack.enter_context(checkpoint.as_directory())
-            resume_from = Path(directory) / CHECKPOINT_FILE
-            # Replay the epochs the checkpoint holds: a driver killed between Train saving a
-            # checkpoint and Tune recording its result would otherwise lose those epochs (or,
-            # for a finished trial, every result). The MLflow callback drops epochs it has.
-            for row in load_checkpoint(resume_from)["history"]:
-                ray.train.report({**row, "replayed": 1.0})
-        try:
-            run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
-        except NonFiniteLossError as error:
-            # A diverged trial is an outcome, not a crash: retrying it would diverge again.
-            # Tune rejects a result without the searched metric (it would end the whole search):
-            # NaN, "no value" (Optuna records the trial as failed). No "epoch": nothing was
-            # trained; ASHA skips a result without one.
-            metric = loop_config.get("metric", "val_top1")
-            ray.train.report({"nonfinite_loss": 1.0, "stop_reason": str(error), metric: math.nan})
-
-
-def _trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
-    """Tune trainable: one trial = one Ray Train run (data-parallel over the spec's workers)."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    setup = setup or {}
-    role = config.get(ROLE_KEY, "search")
-    if role == "search":
-        trial = trial_config(config[TRIAL_KEY], searched_params(config))
-    else:
-        trial = reference_config(config[TRIAL_KEY], role)
-    resources = setup["resources"]
-    per_worker = {"CPU": resources["cpus_per_worker"], **resources["custom"]}
-    if resources["gpus_per_worker"] > 0:
-        per_worker["GPU"] = resources["gpus_per_worker"]
-    trial_id = ray.tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "trial": trial.model_dump(mode="json"),
-            "teacher": teacher,
-            "num_classes": setup["num_classes"],
-            "metric": setup.get("metric", "val_top1"),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=resources["workers"],
-            use_gpu=resources["gpus_per_worker"] > 0,
-            resources_per_worker=per_worker,
-        ),
-        run_config=ray.train.RunConfig(
-            # Same name + storage after a restart: Train restores its latest checkpoint.
-            name=f"{setup['name']}-{trial_id}",
-            storage_path=setup["train_storage"],
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=resources["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    trainer.fit()
-
-
 # --------------------------------------------------------------------------------------------
 # MLflow from the driver
 
@@ -274,6 +155,10 @@ class MlflowTrialCallback(Callback):
         self._tracker: SearchTracker | None = None
         self.timings: dict[str, dict[str, float]] = {}
         self.logged_epochs: dict[str, int] = {}
+        self.fit_started = time.time()
+
+    def setup(self, **info):
+        self.fit_started = time.time()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -290,15 +175,10 @@ class MlflowTrialCallback(Callback):
     def _run(self, trial) -> str:
         config = trial.config
         role = config.get(ROLE_KEY, "search")
-        if role == "search":
-            trial_cfg = trial_config(config[TRIAL_KEY], searched_params(config))
-            name = f"trial-{trial.trial_id}"
-        else:
-            trial_cfg = reference_config(config[TRIAL_KEY], role)
-            name = f"reference-{role}"
+        name = f"trial-{trial.trial_id}" if role == "search" else f"reference-{role}"
         params = {
             **{f"knob.{k}": v for k, v in searched_params(config).items()},
-            **flatten(trial_cfg.model_dump(mode="json")),
+            **flatten(config_of(config).model_dump(mode="json")),
         }
         return self.tracker.trial_run(
             trial.trial_id, name, "trial" if role == "search" else "reference", params
@@ -306,7 +186,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
-        self.timings.setdefault(trial.trial_id, {"start": time.time()})
+        self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
         self.tracker.set_tags(
             run_id, {"sdd_search.status": "running", "ray.trial_path": trial.path or ""}
         )
@@ -334,20 +214,32 @@ class MlflowTrialCallback(Callback):
         if result.get("node_ip"):
             self.tracker.set_tags(
                 run_id,
-                {"sys.node_ip": result["node_ip"], "sys.hostname": result.get("hostname", "")},
+                {
+                    "sys.node_ip": result["node_ip"],
+                    "sys.hostname": result.get("hostname", ""),
+                    "sys.world_size": str(int(result.get("world_size", 1))),
+                },
             )
         if not result.get("replayed"):
-            timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
+            timing = self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
             timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(
                 result.get("epoch_seconds", 0.0)
             )
+            timing["last_result"] = time.time()
+            for key, value in result.items():
+                if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
+                    timing[key[len(TIMING_PREFIX) :]] = float(value)
+            # Tune calls on_trial_start once the trial's actor is up: its start-up counts from
+            # the actor process's creation (Ray may hand over an idle process made earlier).
+            created = max(timing.pop("driver_created", math.inf), self.fit_started)
+            timing["trial_started"] = min(timing["trial_started"], created)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0) or 0)
-        timing = self.timings.setdefault(trial.trial_id, {"start": time.time()})
-        timing["end"] = time.time()
+        timing = self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
+        timing["trial_ended"] = time.time()
         if last.get("nonfinite_loss"):
             self.tracker.end_trial(run_id, "STOPPED", last.get("stop_reason", "non-finite loss"))
         elif epoch >= self.epochs:
@@ -418,6 +310,20 @@ class SearchOutcome:
     tracking_uri: str = ""
     wall_seconds: float = 0.0
     overhead: dict[str, float] = field(default_factory=dict)
+
+
+def driver_resources(on_cluster: bool) -> dict[str, float]:
+    """What a trial's Tune driver (and so its Train controller, on the same node) holds.
+
+    No CPU: it only waits on its Train workers, and k trials of n CPUs each must fit on k * n
+    CPUs; a token of memory gives its bundle a resource. On a cluster, a sliver of the head
+    node's own resource: a lost worker node then costs its trials a Train restart from the last
+    checkpoint, never a Tune retry of the whole trial (the head outlives every worker).
+    """
+    resources = {"memory": 1.0}
+    if on_cluster:
+        resources[HEAD_NODE_RESOURCE] = 0.001
+    return resources
 
 
 def _setup(spec: Spec, num_classes: int) -> dict:
@@ -642,6 +548,8 @@ def run_search(
             # "local" always starts a fresh Ray, never joins another one running on this machine.
             # The dashboard serves the state API that Ray Train's placement-group cleaner needs
             # to free the workers of early-stopped trials.
+            for name, value in LOCAL_TRAIN_ENV.items():
+                os.environ.setdefault(name, value)  # the local raylet's workers inherit these
             ray.init(
                 address="local",
                 include_dashboard=True,
@@ -662,12 +570,8 @@ def run_search(
     callback = MlflowTrialCallback(
         tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial
     )
-    trainable = tune.with_parameters(
-        _trial_driver, teacher=teacher, setup=_setup(spec, num_classes)
-    )
-    # The trial driver only waits on its Train workers: it must hold no CPU, or k trials of
-    # n CPUs each no longer fit on k * n CPUs. A token of memory gives its bundle a resource.
-    trainable = tune.with_resources(trainable, {"memory": 1})
+    trainable = tune.with_parameters(trial_driver, teacher=teacher, setup=_setup(spec, num_classes))
+    trainable = tune.with_resources(trainable, driver_resources(on_cluster=address is not None))
 
     status = "FAILED"
     try:
@@ -725,6 +629,10 @@ def run_search(
         tracker.client.log_metric(
             parent_run_id, "orchestration_overhead_fraction", overhead["fraction"]
         )
+        for key, seconds in overhead.items():
+            if key.startswith("phase/"):
+                name = key.removeprefix("phase/").replace(",", "").replace(" ", "_")
+                tracker.client.log_metric(parent_run_id, f"overhead_s/{name}", seconds)
     tracker.client.log_metric(parent_run_id, "search_wall_seconds", wall)
     tracker.finish_parent("FINISHED")
     return SearchOutcome(
@@ -746,21 +654,32 @@ def _exists(path: str) -> bool:
 
 
 def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, float]:
-    """Trial wall time minus time inside the training loop, over trials timed in this run."""
-    walls, loops = [], []
+    """Trial wall time minus time inside the training loop, over trials timed in this run.
+
+    Also the median seconds of each start-up and wind-down phase (``sdd_search.trial.PHASES``)
+    over the trials whose workers reported every mark, as ``phase/<name>``.
+    """
+    walls, loops, phases = [], [], []
     for timing in callback.timings.values():
-        if "end" in timing and timing.get("loop_seconds"):
-            walls.append(timing["end"] - timing["start"])
+        if "trial_ended" in timing and timing.get("loop_seconds"):
+            walls.append(timing["trial_ended"] - timing["trial_started"])
             loops.append(timing["loop_seconds"])
+            split = phase_seconds(timing, timing["loop_seconds"])
+            if split is not None:
+                phases.append(split)
     if not walls:
         return {}
     per_trial = [w - ell for w, ell in zip(walls, loops, strict=True)]
-    return {
+    out = {
         "trials_timed": float(len(walls)),
         "median_trial_wall_s": float(np.median(walls)),
+        "median_loop_s": float(np.median(loops)),
         "median_overhead_s": float(np.median(per_trial)),
         "fraction": float(sum(per_trial) / sum(walls)),
     }
+    for phase, _, _ in PHASES if phases else ():
+        out[f"phase/{phase}"] = float(np.median([p[phase] for p in phases]))
+    return out
 
 
 def _load_student(checkpoint_path: str):

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sdd_search.config import (
+    BASE_LOSSES,
     PRESETS,
     DataConfig,
     DistillConfig,
@@ -25,8 +26,8 @@ from sdd_search.config import (
     TeacherConfig,
     TrainConfig,
     TrialConfig,
+    validate_scales,
 )
-from sdd_search.sdd import BASE_LOSSES, validate_scales
 
 
 class SpecError(ValueError):

@@ -109,7 +109,7 @@ def teacher_cache_key(config: TrialConfig) -> str:
         if config.data.root
         else None,
         "train": teacher_train.model_dump(exclude={"device", "num_threads", "compile"}),
-        "version": 1,
+        "version": 2,  # 2: digits split by sdd_search.data.stratified_split
     }
     blob = json.dumps(content, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -382,6 +382,11 @@ def run_trial(
                 f"training loss became {loss_sum} at epoch {epoch + 1} "
                 f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower train.lr or distill weights"
             )
+        if distributed:
+            # DDP keeps parameters equal, but each rank's BatchNorm statistics saw only its own
+            # last batches: evaluate (and checkpoint, from rank 0) one and the same model.
+            for buffer in student.buffers():
+                dist.broadcast(buffer, src=0)
         evaluation = evaluate(student, val_loader, device, autocast, distributed)
         metrics = {
             "epoch": epoch + 1,
@@ -393,6 +398,7 @@ def run_trial(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - epoch_start,
             "train_images_per_second": seen / train_seconds,
+            "world_size": world_size,
         }
         previous_best = max((h["val_top1"] for h in history), default=-1.0)
         metrics["best_val_top1"] = max(previous_best, metrics["val_top1"])

@@ -8,6 +8,8 @@ import itertools
 import math
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,10 @@ from sdd_search.data import (
     ImageFolderLoader,
     Loader,
     ResidentLoader,
+    _load_digits,
     build_datasets_and_loaders,
     dataset_info,
+    stratified_split,
 )
 
 torch.set_num_threads(2)
@@ -129,15 +133,44 @@ def test_digits_split_is_fixed_stratified_and_complete() -> None:
     )
 
     assert info == dataset_info("digits")
-    assert (info.num_train, info.num_val) == (1437, 360)
+    assert (info.num_train, info.num_val) == (1438, 359)
     assert info.num_train + info.num_val == 1797
     assert (info.num_classes, info.image_size, info.channels) == (10, 16, 3)
     images_a, labels_a = _all_batches(val_a)
     images_b, labels_b = _all_batches(val_b)
     assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
-    # Stratified: every class holds about 20% of its images in validation.
-    assert torch.bincount(labels_a, minlength=10).min() >= 35
-    assert len(train_a) == 1437 // 64 and len(val_a) == math.ceil(360 / 64)
+    # Stratified: every class holds 20% of its images (rounded) in validation.
+    _, all_labels = _load_digits()
+    per_class = np.bincount(all_labels, minlength=10)
+    assert torch.bincount(labels_a, minlength=10).tolist() == np.round(0.2 * per_class).tolist()
+    assert len(train_a) == 1438 // 64 and len(val_a) == math.ceil(359 / 64)
+
+
+def test_digits_are_scikit_learns_without_importing_it() -> None:
+    # A fresh process (every trial's worker is one) reads the digits without importing
+    # scikit-learn, and gets exactly sklearn.datasets.load_digits().
+    code = (
+        "import sys; from sdd_search.data import _load_digits; images, labels = _load_digits(); "
+        "print(images.shape, labels.shape, 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["(1797,", "8,", "8)", "(1797,)", "False"], out.stdout
+    from sklearn.datasets import load_digits
+
+    images, labels = _load_digits()
+    digits = load_digits()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
+
+
+def test_stratified_split_is_disjoint_complete_and_seeded() -> None:
+    labels = np.repeat(np.arange(4), [10, 20, 5, 1])
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    assert np.bincount(labels[val], minlength=4).tolist() == [2, 4, 1, 0]
+    again, val_again = stratified_split(labels, 0.2, seed=0)
+    assert np.array_equal(val, val_again) and np.array_equal(train, again)
+    assert not np.array_equal(val, stratified_split(labels, 0.2, seed=1)[1])
 
 
 def test_digits_batches_are_shaped_and_normalised() -> None:
@@ -148,7 +181,7 @@ def test_digits_batches_are_shaped_and_normalised() -> None:
     assert int(labels.min()) >= 0 and int(labels.max()) <= 9
 
     val_images, val_labels = _all_batches(val)
-    assert val_images.shape == (360, 3, 16, 16) and val_labels.shape == (360,)
+    assert val_images.shape == (359, 3, 16, 16) and val_labels.shape == (359,)
     assert abs(float(val_images.mean())) < 0.1
     assert abs(float(val_images.std()) - 1.0) < 0.1
     pixels = _denormalise(val_images, info)

@@ -254,6 +254,52 @@ def test_nan_trial_is_stopped_with_reason(search):
 # --------------------------------------------------------------------------------------------
 
 
+def test_data_parallel_trial_spans_two_nodes(two_workers, teacher_cache, shared):
+    """One trial, two Ray Train workers (one trainer per node): DDP over gloo across the nodes;
+    the logged accuracy is that of the one model the trial saved, on the whole validation set."""
+    import torch
+
+    from sdd_search.data import build_datasets_and_loaders
+    from sdd_search.search import run_search
+    from sdd_search.spec import load_spec
+    from sdd_search.teacher import load_model_file
+    from sdd_search.train import evaluate
+
+    cluster = two_workers
+    spec = load_spec(
+        write_spec(
+            shared,
+            "ddp",
+            {
+                "resources": {"workers": 2, "cpus_per_worker": 1},
+                "search": {"num_trials": 1, "top_k": 1},
+            },
+        )
+    )
+    workers_before = set(actors(cluster, "RayTrainWorker"))
+    outcome = run_search(spec, address=cluster.address, log=lambda *_: None)
+    (row,) = outcome.leaderboard
+    assert row["status"] == "done" and row["epochs"] == 2, row
+    new_workers = [
+        a for k, a in actors(cluster, "RayTrainWorker").items() if k not in workers_before
+    ]
+    assert len(new_workers) == 2
+    assert {a["Address"]["NodeID"] for a in new_workers} == {
+        n.node_id for n in cluster.worker_nodes
+    }
+
+    client = mlflow_client(shared)
+    _, (run,) = search_runs(client, "ddp")
+    assert run.data.tags["sdd_search.status"] == "completed"
+    assert run.data.tags["sys.world_size"] == "2"
+    model = load_model_file(outcome.best_student_path, "resnet8", 10, field="best")
+    _, _, val = build_datasets_and_loaders(
+        "digits", root=None, batch_size=128, device=torch.device("cpu"), image_size=8
+    )
+    local = evaluate(model, val, torch.device("cpu"))
+    assert local["val_top1"] == pytest.approx(run.data.metrics["val_top1"], abs=1e-6)
+
+
 def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, capsys):
     """Kill the worker node under a training trial (its raylet and workers, not gracefully):
     the trial trains again on the other node from its last checkpoint; MLflow shows every
@@ -296,14 +342,15 @@ def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, c
     names = node_names(cluster)
     victim_id = alive[0]["Address"]["NodeID"]
     victim = next(n for n in cluster.worker_nodes if n.node_id == victim_id)
-    # The trial's Tune driver and its Train controller (on the driver's node): on the lost node
-    # too, Tune retries the trial, and the new Train run restores from the storage snapshot.
+    # The trial's Tune driver and its Train controller (on the driver's node) hold a sliver of
+    # the head's own resource: losing a worker node costs a Train restart, not a Tune retry.
     drivers = {
         a["Address"]["NodeID"]
         for a in cluster.global_state.actor_table(None).values()
         if a["State"] == "ALIVE"
         and a["ActorClassName"].endswith(("ImplicitFunc", "TrainController"))
     }
+    assert drivers == {cluster.head_node.node_id}, drivers
     last_before = max(m.step for m in history())
     assert 2 <= last_before < epochs
     workers_before = set(actors(cluster, "RayTrainWorker"))
@@ -332,8 +379,8 @@ def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, c
     }
     with capsys.disabled():
         print(
-            f"\nnode loss: killed {names[victim_id]} (Train worker; trial driver and controller "
-            f"on {', '.join(names.get(d, '?') for d in drivers)}) after epoch {last_before} was "
+            f"\nnode loss: killed {names[victim_id]} (the Train worker's node; trial driver and "
+            f"Train controller on the head) after epoch {last_before} was "
             f"reported; Train restarted on {', '.join(sorted(restarted_on)) or '?'} from the "
             f"epoch-{resumed_from} checkpoint; epochs redone: {redone}; node death -> training "
             f"again: {to_training:.1f}s, -> next epoch reported: {to_report:.1f}s"

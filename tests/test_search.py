@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,11 +61,19 @@ def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
     assert "Leaderboard" in out and "[baseline]" in out and "[kd]" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     assert "registered tiny-student v1" in out
+    # Where the trials' time went outside their training loops: the share, and every phase.
+    assert re.search(r"orchestration overhead: \d+\.\d% of trial time", out), out[-2000:]
+    (phases,) = [line for line in out.splitlines() if "median per trial:" in line]
+    for phase in ("trial actor start", "train workers start", "worker imports", "shutdown"):
+        assert re.search(rf"{phase} \d+\.\ds", phases), phases
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent, children = child_runs(client, "sdd-search/tiny")
     assert parent.info.status == "FINISHED"
+    metrics = parent.data.metrics
+    assert 0.0 < metrics["orchestration_overhead_fraction"] < 1.0
+    assert metrics["overhead_s/train_workers_start"] > 0.0, metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"spec.yaml", "leaderboard.csv", "leaderboard.txt", "search_space.json"} <= artifacts
     roles = sorted(r.data.tags["sdd_search.role"] for r in children)

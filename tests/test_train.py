@@ -140,3 +140,67 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
         load_model_file(path, "resnet8", 10)
     with pytest.raises(TeacherError, match="no file at"):
         load_model_file(tmp_path / "missing.pt", "resnet8", 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-parallel: two ranks over torch.distributed (gloo), as Ray Train's TorchTrainer runs them
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, config_json: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        config = TrialConfig.model_validate_json(config_json)
+        teacher = create_model("resnet8", num_classes=10).eval()  # any fixed teacher will do
+        result = run_trial(config, teacher=teacher)
+        torch.save(
+            {"state": result.model.state_dict(), "history": result.history},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_train_evaluate_and_keep_one_model(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from sdd_search.data import build_datasets_and_loaders
+    from sdd_search.train import evaluate
+
+    config = tiny_config(tmp_path)
+    config = config.model_copy(
+        update={"train": config.train.model_copy(update={"epochs": 2, "batch_size": 64})}
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(
+        _ddp_rank,
+        args=(2, port, config.model_dump_json(), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # One model: the same parameters and BatchNorm statistics on both ranks after training.
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    # The ranks split each epoch's data and agree on every all-reduced metric.
+    for row0, row1 in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert row0["world_size"] == 2
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
+            assert row0[key] == row1[key], key
+    # Validation covered the whole split once: the reported top-1 is that model's on all of it.
+    model = create_model("resnet8", num_classes=10)
+    model.load_state_dict(ranks[0]["state"])
+    info, _, val = build_datasets_and_loaders(
+        "digits", root=None, batch_size=128, device=torch.device("cpu"), image_size=8
+    )
+    local = evaluate(model, val, torch.device("cpu"))
+    assert local["val_top1"] == pytest.approx(ranks[0]["history"][-1]["val_top1"], abs=1e-9)
+    assert info.num_val == 359

@@ -1,0 +1,255 @@
+"""What runs on the cluster for one trial: the Tune trial driver and the Ray Train worker.
+
+Every trial starts fresh Ray processes (Tune's trial actor, Train's controller, one per worker),
+and each one imports the module that defines the function it runs. This module therefore
+imports only what those processes need: no MLflow, no Tune search algorithms, no spec
+loading; torch is imported inside the worker. See :mod:`sdd_search.search` for the driver side.
+
+Each worker also reports wall-clock timestamps of its start-up phases with its first epoch, so
+the search can say where a trial's time outside the training loop goes (``PHASES``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdd_search.config import TrialConfig
+from sdd_search.spec import SEARCHABLE
+
+REFERENCE_NAMES = ("baseline", "kd")  # a student on labels only, and plain KD (scales [1])
+ROLE_KEY = "sdd_role"
+TRIAL_KEY = "sdd_trial"
+TIMING_PREFIX = "timing/"  # result keys holding start-up timestamps (not logged as metrics)
+
+# --------------------------------------------------------------------------------------------
+# A trial's configuration from Tune's
+
+
+def encode_choice(knob: str, value: Any) -> Any:
+    """Optuna's categorical choices must be scalars: scale sets travel as "1,2,4"."""
+    return ",".join(str(int(m)) for m in value) if knob == "scales" else value
+
+
+def decode_choice(knob: str, value: Any) -> Any:
+    if knob == "scales" and isinstance(value, str):
+        return [int(m) for m in value.split(",")]
+    return value
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> TrialConfig:
+    """The spec's trial with the sampled knobs applied."""
+    tree = {
+        section: dict(values) if isinstance(values, dict) else values
+        for section, values in base.items()
+    }
+    for knob, value in params.items():
+        if knob in SEARCHABLE:
+            tree[SEARCHABLE[knob]][knob] = decode_choice(knob, value)
+    return TrialConfig.model_validate(tree)
+
+
+def reference_config(base: dict, name: str) -> TrialConfig:
+    tree = {section: dict(values) for section, values in base.items()}
+    if name == "baseline":
+        tree["distill"]["method"] = "none"
+    else:  # plain KD on global logits, the paper's comparison point
+        tree["distill"].update(method="sdd", base="kd", scales=[1], complementary_weight=1.0)
+    return TrialConfig.model_validate(tree)
+
+
+def searched_params(config: dict) -> dict[str, Any]:
+    return {k: decode_choice(k, v) for k, v in config.items() if k in SEARCHABLE}
+
+
+def config_of(config: dict) -> TrialConfig:
+    """The TrialConfig of a Tune trial config (a searched trial or a reference)."""
+    role = config.get(ROLE_KEY, "search")
+    if role == "search":
+        return trial_config(config[TRIAL_KEY], searched_params(config))
+    return reference_config(config[TRIAL_KEY], role)
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray Train worker
+
+
+def teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
+    """The frozen teacher network from the numpy weights the driver put in the object store."""
+    import torch
+
+    from sdd_search.models import create_model
+
+    teacher = create_model(trial.teacher.model, num_classes=num_classes)
+    teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+def _process_start_time() -> float | None:
+    """Wall-clock time this process was created (None where psutil cannot tell)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:
+        return None
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, load_checkpoint, run_trial
+
+    imported = time.time()
+
+    trial = TrialConfig.model_validate(loop_config["trial"])
+    teacher = None
+    if trial.distill.method == "sdd":
+        state = ray.get(loop_config["teacher"]["ref"])
+        teacher = teacher_from_state(trial, state, loop_config["num_classes"])
+
+    # Start-up timestamps, sent once with the first epoch this process trains.
+    timing: dict[str, float] = {
+        f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
+        f"{TIMING_PREFIX}driver_entered": loop_config.get("driver_entered", math.nan),
+        f"{TIMING_PREFIX}worker_created": _process_start_time() or math.nan,
+        f"{TIMING_PREFIX}worker_imported": imported,
+    }
+
+    def report(metrics: dict, write_checkpoint) -> None:
+        if timing:
+            # The loop started one epoch (train + evaluation) before its first report.
+            timing[f"{TIMING_PREFIX}loop_started"] = time.time() - metrics["epoch_seconds"]
+            metrics = {**metrics, **timing}
+            timing.clear()
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(Path(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_from = None
+        if checkpoint is not None:
+            directory = stack.enter_context(checkpoint.as_directory())
+            resume_from = Path(directory) / CHECKPOINT_FILE
+            # Replay the epochs the checkpoint holds: a driver killed between Train saving a
+            # checkpoint and Tune recording its result would otherwise lose those epochs (or,
+            # for a finished trial, every result). The MLflow callback drops epochs it has.
+            for row in load_checkpoint(resume_from)["history"]:
+                ray.train.report({**row, "replayed": 1.0})
+        try:
+            run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
+        except NonFiniteLossError as error:
+            # A diverged trial is an outcome, not a crash: retrying it would diverge again.
+            # Tune rejects a result without the searched metric (it would end the whole search):
+            # NaN, "no value" (Optuna records the trial as failed). No "epoch": nothing was
+            # trained; ASHA skips a result without one.
+            metric = loop_config.get("metric", "val_top1")
+            ray.train.report({"nonfinite_loss": 1.0, "stop_reason": str(error), metric: math.nan})
+
+
+# --------------------------------------------------------------------------------------------
+# The Tune trial driver
+
+
+def trainer_class(workers: int) -> type:
+    """Ray Train's TorchTrainer for data-parallel trials; the plain trainer for one worker.
+
+    TorchTrainer sets up the torch.distributed process group that DDP needs. One worker needs
+    none, and the plain (Train V2) trainer keeps torch out of the trial's Tune actor and its
+    Train controller: two fewer torch imports per trial (seconds of CPU, ~200 MB each).
+    """
+    if workers > 1:
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer
+
+
+def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
+    """Tune trainable: one trial = one Ray Train run (data-parallel over the spec's workers)."""
+    entered = time.time()
+    created = _process_start_time()
+    import ray.train
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    setup = setup or {}
+    trial = config_of(config)
+    resources = setup["resources"]
+    per_worker = {"CPU": resources["cpus_per_worker"], **resources["custom"]}
+    if resources["gpus_per_worker"] > 0:
+        per_worker["GPU"] = resources["gpus_per_worker"]
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = trainer_class(resources["workers"])(
+        train_worker,
+        train_loop_config={
+            "trial": trial.model_dump(mode="json"),
+            "teacher": teacher,
+            "num_classes": setup["num_classes"],
+            "metric": setup.get("metric", "val_top1"),
+            "driver_created": created if created is not None else math.nan,
+            "driver_entered": entered,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=resources["gpus_per_worker"] > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            # Same name + storage after a restart: Train restores its latest checkpoint.
+            name=f"{setup['name']}-{trial_id}",
+            storage_path=setup["train_storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=resources["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------
+# Where a trial's time goes
+
+# (phase, from, to): consecutive wall-clock marks of one trial, in order. "trial_started" is
+# when the trial's Tune actor process was created (or Tune started the trial, if later),
+# "last_result" when the search driver got the last epoch, "trial_ended" when Tune ended it.
+PHASES: tuple[tuple[str, str, str], ...] = (
+    ("trial actor start", "trial_started", "driver_entered"),
+    ("train workers start", "driver_entered", "worker_created"),
+    ("worker imports", "worker_created", "worker_imported"),  # Ray, Train, torch, sdd_search
+    ("teacher, data, model", "worker_imported", "loop_started"),
+    ("checkpoints, reports", "loop_started", "last_result"),  # minus the loop itself
+    ("shutdown", "last_result", "trial_ended"),
+)
+
+
+def phase_seconds(marks: dict[str, float], loop_seconds: float) -> dict[str, float] | None:
+    """Seconds per phase of one trial from its marks; None if a mark is missing."""
+    names = {name for _, start, end in PHASES for name in (start, end)}
+    if not names <= marks.keys() or any(not math.isfinite(marks[n]) for n in names):
+        return None
+    out = {}
+    for phase, start, end in PHASES:
+        seconds = marks[end] - marks[start]
+        if start == "loop_started":
+            seconds -= loop_seconds
+        out[phase] = max(0.0, seconds)
+    return out

@@ -1,0 +1,96 @@
+"""The cluster side of a trial (sdd_search.trial): light imports, configs, phase accounting."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from sdd_search.config import TrialConfig
+from sdd_search.search import HEAD_NODE_RESOURCE, driver_resources
+from sdd_search.trial import (
+    PHASES,
+    ROLE_KEY,
+    TRIAL_KEY,
+    config_of,
+    encode_choice,
+    phase_seconds,
+)
+
+
+def test_trial_processes_import_no_mlflow_tune_search_or_torch():
+    # Every trial starts fresh Ray processes that import sdd_search.trial (Tune's actor, Train's
+    # controller, each worker): it must not drag in MLflow, Optuna, scikit-learn or torch.
+    code = (
+        "import sys, sdd_search.trial; "
+        "print(sorted(m for m in ('mlflow', 'optuna', 'sklearn', 'torch', 'ray.tune.search') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_spec_and_cli_import_without_torch():
+    # `sdd-search --check` and every spec error answer without importing torch.
+    code = "import sys, sdd_search.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _base() -> dict:
+    return TrialConfig().model_dump(mode="json")
+
+
+def test_config_of_applies_sampled_knobs_and_references():
+    config = {TRIAL_KEY: _base(), ROLE_KEY: "search", "scales": encode_choice("scales", [1, 2])}
+    config["temperature"] = 2.5
+    trial = config_of(config)
+    assert trial.distill.scales == [1, 2] and trial.distill.temperature == 2.5
+
+    baseline = config_of({TRIAL_KEY: _base(), ROLE_KEY: "baseline"})
+    assert baseline.distill.method == "none"
+    kd = config_of({TRIAL_KEY: _base(), ROLE_KEY: "kd"})
+    assert kd.distill.method == "sdd" and kd.distill.scales == [1] and kd.distill.base == "kd"
+
+
+def _marks() -> dict[str, float]:
+    return {
+        "trial_started": 100.0,
+        "driver_entered": 104.0,
+        "worker_created": 110.0,
+        "worker_imported": 116.0,
+        "loop_started": 119.0,
+        "last_result": 150.0,
+        "trial_ended": 152.0,
+    }
+
+
+def test_phase_seconds_splits_a_trial_into_consecutive_phases():
+    split = phase_seconds(_marks(), loop_seconds=30.0)
+    assert split == {
+        "trial actor start": 4.0,
+        "train workers start": 6.0,
+        "worker imports": 6.0,
+        "teacher, data, model": 3.0,
+        "checkpoints, reports": 1.0,  # 31 s from loop start to last result, 30 of them training
+        "shutdown": 2.0,
+    }
+    # The phases and the loop add up to the trial's wall time.
+    assert sum(split.values()) + 30.0 == pytest.approx(152.0 - 100.0)
+    assert [p for p, _, _ in PHASES] == list(split)
+
+
+def test_phase_seconds_needs_every_mark():
+    marks = _marks()
+    del marks["worker_created"]
+    assert phase_seconds(marks, 30.0) is None
+    assert phase_seconds({**_marks(), "worker_created": math.nan}, 30.0) is None
+
+
+def test_trial_drivers_sit_on_the_head_of_a_cluster_only():
+    assert driver_resources(on_cluster=False) == {"memory": 1.0}
+    on_cluster = driver_resources(on_cluster=True)
+    assert on_cluster[HEAD_NODE_RESOURCE] == pytest.approx(0.001)
+    assert "CPU" not in on_cluster and "GPU" not in on_cluster
