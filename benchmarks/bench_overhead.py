@@ -75,6 +75,8 @@ def main() -> None:
             print(
                 "#   median seconds per phase: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+                + "; checkpoint + report per epoch "
+                + f"{overhead.get('report_seconds_per_epoch', float('nan')):.3f}"
             )
     summary = " ".join(f"overhead_at_{e}_epochs={o['fraction']:.3f}" for e, _, o in rows)
     # The fixed part (start-up, shutdown) and the per-epoch part (report, checkpoint) of the time

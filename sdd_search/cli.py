@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = [(k.removeprefix("phase/"), v) for k, v in o.items() if k.startswith("phase/")]
         if phases:
             print("  median per trial: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases))
+        if "report_seconds_per_epoch" in o:
+            print(f"  checkpoint + report per epoch: {o['report_seconds_per_epoch']:.3f}s")
     print(f"search wall time: {outcome.wall_seconds:.0f}s; results in {outcome.experiment_path}")
     uri = outcome.tracking_uri
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"

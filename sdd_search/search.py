@@ -679,6 +679,13 @@ def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, floa
     }
     for phase, _, _ in PHASES if phases else ():
         out[f"phase/{phase}"] = float(np.median([p[phase] for p in phases]))
+    per_epoch = [
+        t["report_seconds_per_epoch"]
+        for t in callback.timings.values()
+        if "trial_ended" in t and "report_seconds_per_epoch" in t
+    ]
+    if per_epoch:  # within "checkpoints, reports": what each epoch's report costs the worker
+        out["report_seconds_per_epoch"] = float(np.median(per_epoch))
     return out
 
 

@@ -128,18 +128,27 @@ def train_worker(loop_config: dict) -> None:
         f"{TIMING_PREFIX}worker_imported": imported,
     }
 
+    reporting = {"seconds": 0.0, "epochs": 0}  # time spent in report(): checkpoint + send
+
     def report(metrics: dict, write_checkpoint) -> None:
+        started = time.time()
         if timing:
             # The loop started one epoch (train + evaluation) before its first report.
-            timing[f"{TIMING_PREFIX}loop_started"] = time.time() - metrics["epoch_seconds"]
+            timing[f"{TIMING_PREFIX}loop_started"] = started - metrics["epoch_seconds"]
             metrics = {**metrics, **timing}
             timing.clear()
+        if reporting["epochs"]:
+            metrics[f"{TIMING_PREFIX}report_seconds_per_epoch"] = (
+                reporting["seconds"] / reporting["epochs"]
+            )
         if write_checkpoint is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            write_checkpoint(Path(tmp))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_checkpoint(Path(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        reporting["seconds"] += time.time() - started
+        reporting["epochs"] += 1
 
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:

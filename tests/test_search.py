@@ -128,22 +128,24 @@ def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
-def _finished_trials(experiment_dir: Path) -> int:
-    import json
-
-    count = 0
-    for result in experiment_dir.glob("trial-*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if lines and lines[-1].get("epoch") == 3:
-            count += 1
-    return count
+def _logged_epochs(uri: str) -> list[int]:
+    """The last epoch MLflow holds for each trial run of the search (sorted), as it logs them."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("sdd-search/tiny")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
+    return sorted(
+        max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
+        for r in runs
+    )
 
 
 def test_kill_driver_and_resume(write_spec, teacher_cache, tmp_path):
     spec_path = write_spec(
         {
             "train": {"epochs": 3},
-            "search": {"num_trials": 3, "max_concurrent": 2, "scheduler": "none"},
+            "search": {"num_trials": 2, "max_concurrent": 1, "scheduler": "none"},
         }
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -156,31 +158,37 @@ def test_kill_driver_and_resume(write_spec, teacher_cache, tmp_path):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    experiment_dir = tmp_path / "runs" / "tiny" / "search"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     deadline = time.time() + 400
-    # Kill once one trial has finished and others are mid-training.
-    while time.time() < deadline and _finished_trials(experiment_dir) < 1:
+
+    # Kill once the first trial has finished and the second is mid-training (one trial at a
+    # time: the kill lands between the second trial's first and last epochs).
+    def mid_second_trial(epochs: list[int]) -> bool:
+        return len(epochs) == 2 and 1 <= epochs[0] < 3 and epochs[1] == 3
+
+    while time.time() < deadline and not mid_second_trial(_logged_epochs(uri)):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(1)
-    time.sleep(3)
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    finished_before = _finished_trials(experiment_dir)
-    assert 1 <= finished_before < 3
+    before = _logged_epochs(uri)
+    assert mid_second_trial(before), before
 
     resumed = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert _finished_trials(experiment_dir) == 3
+    assert resumed.stdout.count("registered tiny-student v") == 2
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     parent, children = child_runs(client, "sdd-search/tiny")
     assert parent.info.status == "FINISHED"
     trial_ids = [r.data.tags["sdd_search.trial_id"] for r in children]
-    assert len(trial_ids) == 3 and len(set(trial_ids)) == 3
+    assert len(trial_ids) == 2 and len(set(trial_ids)) == 2
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags
+        assert run.data.tags["sdd_search.status"] == "completed", run.data.tags
+        # Every epoch logged once: the finished trial was not rerun, the interrupted one
+        # continued from its checkpoint (its replayed epochs were not logged again).
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
         assert steps == [1, 2, 3], (run.data.tags["sdd_search.trial_id"], steps)
     # Resuming a search that does not exist is a clear error.
