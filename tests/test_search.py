@@ -43,24 +43,67 @@ def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     return parents[0], children
 
 
-def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
+def _logged_epochs(uri: str, role: str = "trial") -> list[int]:
+    """The last epoch MLflow holds for each run of one role (sorted), as the driver logs them."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("sdd-search/tiny")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], f"tags.`sdd_search.role` = '{role}'")
+    return sorted(
+        max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
+        for r in runs
+    )
+
+
+def test_search_end_to_end_killed_and_resumed(write_spec, teacher_cache, tmp_path):
+    """The whole loop as a user runs it, with the driver killed mid-search (SIGKILL, then
+    `ray stop`) and the search finished by `--resume`: references, Optuna trials, ASHA, MLflow
+    runs with every epoch once, registered students, the champion loaded back."""
     spec_path = write_spec(
         {
+            "train": {"epochs": 4},
             "search": {
                 "num_trials": 2,
-                "max_concurrent": 2,
+                "max_concurrent": 1,  # one trial at a time: the kill lands at a known point
                 "scheduler": "asha",
-                "grace_period": 1,
+                "grace_period": 3,  # one rung, at epoch 3: ASHA may stop the second trial there
                 "references": True,
-            }
+            },
         }
     )
-    result = run_cli([str(spec_path)], cwd=tmp_path)
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sdd_search", str(spec_path)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    # Kill once the references and the first trial have finished and the second trial is
+    # mid-training (after its first epoch, before ASHA's rung).
+    def mid_second_trial(epochs: list[int]) -> bool:
+        return len(epochs) == 2 and 1 <= epochs[0] < 3 and epochs[1] == 4
+
+    deadline = time.time() + 400
+    while time.time() < deadline and not mid_second_trial(_logged_epochs(uri)):
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.25)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    assert mid_second_trial(_logged_epochs(uri)), _logged_epochs(uri)
+    assert _logged_epochs(uri, "reference") == [4, 4]
+
+    result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "Leaderboard" in out and "[baseline]" in out and "[kd]" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
-    assert "registered tiny-student v1" in out
+    assert "registered tiny-student v1" in out and "registered tiny-student v2" in out
     # Where the trials' time went outside their training loops: the share, and every phase.
     assert re.search(r"orchestration overhead: \d+\.\d% of trial time", out), out[-2000:]
     (phases,) = [line for line in out.splitlines() if "median per trial:" in line]
@@ -82,11 +125,14 @@ def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
     assert len(set(trial_ids)) == len(trial_ids)
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.params["train.epochs"] == "2"
-        history = client.get_metric_history(run.info.run_id, "val_top1")
-        steps = [m.step for m in history]
-        assert steps == sorted(set(steps)) and steps[0] == 1, steps
-        assert run.data.tags["sdd_search.status"] in ("completed", "stopped")
+        assert run.data.params["train.epochs"] == "4"
+        # Every epoch once, from 1: the interrupted trial continued from its checkpoint, and
+        # the epochs it replayed were not logged again; a finished run was not rerun.
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        status = run.data.tags["sdd_search.status"]
+        expected = [1, 2, 3, 4] if status == "completed" else [1, 2, 3]  # ASHA's rung: 3
+        assert steps == expected, (status, steps)
+        assert status in ("completed", "stopped")
     trial_runs = [r for r in children if r.data.tags["sdd_search.role"] == "trial"]
     for run in trial_runs:
         assert "knob.scales" in run.data.params and "knob.temperature" in run.data.params
@@ -127,70 +173,6 @@ def test_search_end_to_end(write_spec, teacher_cache, tmp_path):
     assert "already exists" in again.stderr and "--resume" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
-
-def _logged_epochs(uri: str) -> list[int]:
-    """The last epoch MLflow holds for each trial run of the search (sorted), as it logs them."""
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("sdd-search/tiny")
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
-    return sorted(
-        max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
-        for r in runs
-    )
-
-
-def test_kill_driver_and_resume(write_spec, teacher_cache, tmp_path):
-    spec_path = write_spec(
-        {
-            "train": {"epochs": 3},
-            "search": {"num_trials": 2, "max_concurrent": 1, "scheduler": "none"},
-        }
-    )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "sdd_search", str(spec_path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    deadline = time.time() + 400
-
-    # Kill once the first trial has finished and the second is mid-training (one trial at a
-    # time: the kill lands between the second trial's first and last epochs).
-    def mid_second_trial(epochs: list[int]) -> bool:
-        return len(epochs) == 2 and 1 <= epochs[0] < 3 and epochs[1] == 3
-
-    while time.time() < deadline and not mid_second_trial(_logged_epochs(uri)):
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    before = _logged_epochs(uri)
-    assert mid_second_trial(before), before
-
-    resumed = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert resumed.stdout.count("registered tiny-student v") == 2
-
-    client = MlflowClient(tracking_uri=uri)
-    parent, children = child_runs(client, "sdd-search/tiny")
-    assert parent.info.status == "FINISHED"
-    trial_ids = [r.data.tags["sdd_search.trial_id"] for r in children]
-    assert len(trial_ids) == 2 and len(set(trial_ids)) == 2
-    for run in children:
-        assert run.info.status == "FINISHED", run.data.tags
-        assert run.data.tags["sdd_search.status"] == "completed", run.data.tags
-        # Every epoch logged once: the finished trial was not rerun, the interrupted one
-        # continued from its checkpoint (its replayed epochs were not logged again).
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
-        assert steps == [1, 2, 3], (run.data.tags["sdd_search.trial_id"], steps)
     # Resuming a search that does not exist is a clear error.
     missing = run_cli(
         [str(spec_path), "--resume", "--set", "name=nothing-here"], cwd=tmp_path, timeout=120
