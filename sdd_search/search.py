@@ -477,7 +477,10 @@ def format_leaderboard(rows: list[dict[str, Any]], metric_name: str = "val_top1"
         f"{'rank':>4}  {'trial':<18} {'epochs':>6} {'final top-1':>11} {'best top-1':>10}  knobs"
     )
     lines = [header, "-" * len(header)]
-    for rank, row in enumerate(rows, 1):
+    rank = 0
+    for row in rows:
+        searched = row["role"] == "search"
+        rank += searched
         base = row["params"].get("base")
         shown = {  # a knob of another base loss was not used by this trial
             k: v
@@ -485,9 +488,10 @@ def format_leaderboard(rows: list[dict[str, Any]], metric_name: str = "val_top1"
             if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
         }
         knobs = ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "(spec values)"
-        name = row["trial"] if row["role"] == "search" else f"[{row['role']}]"
+        name = row["trial"] if searched else f"[{row['role']}]"
+        place = str(rank) if searched else "-"  # references are yardsticks, not ranked
         lines.append(
-            f"{rank:>4}  {name:<18} {row['epochs']:>6} {row['val_top1']:>10.2f}% {row['best_val_top1']:>9.2f}%  "
+            f"{place:>4}  {name:<18} {row['epochs']:>6} {row['val_top1']:>10.2f}% {row['best_val_top1']:>9.2f}%  "
             f"{knobs}{'' if row['status'] == 'done' else '  (' + row['status'] + ')'}"
         )
     return "\n".join(lines)
