@@ -45,6 +45,9 @@ LOCAL_TRAIN_ENV = {
 
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
+# Memory a running trial's processes take on its driver's node (Tune's trial actor, Train's
+# controller, sync actor and dataset manager; unique set sizes measured with Ray 2.60).
+DRIVER_SIDE_BYTES = 600 * 2**20
 
 
 class SearchError(RuntimeError):
@@ -312,18 +315,30 @@ class SearchOutcome:
     overhead: dict[str, float] = field(default_factory=dict)
 
 
-def driver_resources(on_cluster: bool) -> dict[str, float]:
-    """What a trial's Tune driver (and so its Train controller, on the same node) holds.
+def driver_resources(head_memory: float | None, concurrent: int) -> dict[str, float]:
+    """What each trial's Tune driver holds (its Train controller runs on the same node).
 
     No CPU: it only waits on its Train workers, and k trials of n CPUs each must fit on k * n
-    CPUs; a token of memory gives its bundle a resource. On a cluster, a sliver of the head
-    node's own resource: a lost worker node then costs its trials a Train restart from the last
-    checkpoint, never a Tune retry of the whole trial (the head outlives every worker).
+    CPUs; a token of memory gives its bundle a resource. On a cluster (``head_memory``: the
+    head node's memory in bytes) whose head can hold every concurrent trial's driver-side
+    processes with room to spare, a sliver of the head's own resource as well: a lost worker
+    node then costs its trials a Train restart from the last checkpoint, never a Tune retry of
+    the whole trial. A smaller head leaves the drivers to Ray, spread over the workers.
     """
     resources = {"memory": 1.0}
-    if on_cluster:
+    if head_memory is not None and concurrent * DRIVER_SIDE_BYTES <= 0.5 * head_memory:
         resources[HEAD_NODE_RESOURCE] = 0.001
     return resources
+
+
+def _head_memory() -> float | None:
+    """The Ray head node's memory in bytes (None if the cluster reports no head)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and HEAD_NODE_RESOURCE in node.get("Resources", {}):
+            return float(node["Resources"].get("memory", 0.0)) or None
+    return None
 
 
 def _setup(spec: Spec, num_classes: int) -> dict:
@@ -575,7 +590,15 @@ def run_search(
         tracker.uri, spec.experiment_name, experiment_path, spec.train.epochs, base_trial
     )
     trainable = tune.with_parameters(trial_driver, teacher=teacher, setup=_setup(spec, num_classes))
-    trainable = tune.with_resources(trainable, driver_resources(on_cluster=address is not None))
+    head_memory = _head_memory() if address else None
+    resources = driver_resources(head_memory, spec.search.max_concurrent)
+    if head_memory is not None and HEAD_NODE_RESOURCE not in resources:
+        log(
+            f"trial drivers: spread over the cluster ({spec.search.max_concurrent} concurrent "
+            f"trials need ~{spec.search.max_concurrent * DRIVER_SIDE_BYTES / 2**30:.0f} GiB, more "
+            f"than half the head's {head_memory / 2**30:.0f} GiB)"
+        )
+    trainable = tune.with_resources(trainable, resources)
 
     status = "FAILED"
     try:

@@ -95,11 +95,23 @@ def teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
 
 
 def _process_start_time() -> float | None:
-    """Wall-clock time this process was created (None where psutil cannot tell)."""
+    """Wall-clock time this process was created (None where that cannot be told)."""
     try:
-        import psutil
+        import psutil  # Ray puts its vendored copy on sys.path in its worker processes
 
         return float(psutil.Process().create_time())
+    except Exception:
+        pass
+    try:  # Linux without psutil: start time in clock ticks after boot, plus the boot time
+        import os
+
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
     except Exception:
         return None
 

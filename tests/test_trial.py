@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,8 +91,31 @@ def test_phase_seconds_needs_every_mark():
     assert phase_seconds({**_marks(), "worker_created": math.nan}, 30.0) is None
 
 
-def test_trial_drivers_sit_on_the_head_of_a_cluster_only():
-    assert driver_resources(on_cluster=False) == {"memory": 1.0}
-    on_cluster = driver_resources(on_cluster=True)
-    assert on_cluster[HEAD_NODE_RESOURCE] == pytest.approx(0.001)
-    assert "CPU" not in on_cluster and "GPU" not in on_cluster
+def test_trial_drivers_sit_on_the_head_of_a_cluster_when_they_fit():
+    assert driver_resources(None, concurrent=4) == {"memory": 1.0}  # local: one node anyway
+    gib = 2.0**30
+    on_head = driver_resources(22 * gib, concurrent=8)  # the 32 GB head: Ray's memory share
+    assert on_head[HEAD_NODE_RESOURCE] == pytest.approx(0.001)
+    assert "CPU" not in on_head and "GPU" not in on_head
+    # 64 concurrent trials would need ~38 GiB on that head: the drivers spread instead.
+    assert driver_resources(22 * gib, concurrent=64) == {"memory": 1.0}
+
+
+@pytest.mark.parametrize("psutil", ["vendored", "absent"])
+def test_process_start_time_is_when_the_process_began(psutil):
+    # The start-up phases count from a process's creation: with Ray's psutil, or from /proc.
+    block = "sys.modules['psutil'] = None; " if psutil == "absent" else ""
+    code = (
+        f"import sys, time; {block}time.sleep(1.0); from sdd_search.trial import "
+        "_process_start_time; print(time.time() - _process_start_time())"
+    )
+    import ray
+
+    env = dict(os.environ)
+    if psutil == "vendored":
+        env["PYTHONPATH"] = str(Path(ray.__file__).parent / "thirdparty_files")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    age = float(out.stdout)
+    assert 1.0 <= age < 30.0, age
