@@ -194,14 +194,27 @@ def trainer_class(workers: int) -> type:
     TorchTrainer sets up the torch.distributed process group that DDP needs. One worker needs
     none, and the plain (Train V2) trainer keeps torch out of the trial's Tune actor and its
     Train controller: two fewer torch imports per trial (seconds of CPU, ~200 MB each).
+    Either way without Ray Data's dataset manager, which Train starts for every run (a process
+    per trial) although a trial here passes no Ray Dataset.
     """
     if workers > 1:
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchTrainer as base
+    else:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer as base
 
-        return TorchTrainer
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    class Trainer(base):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            try:
+                from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            except ImportError:  # another Ray layout: keep its defaults
+                return callbacks
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
-    return DataParallelTrainer
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    return Trainer
 
 
 def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:

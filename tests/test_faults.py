@@ -209,6 +209,9 @@ def test_multi_node_search(search, cluster):
     assert len(nodes) == 3, result["train_workers"]
     assert cluster.head_node.node_id not in nodes
     assert set(nodes) == {node.node_id for node in cluster.worker_nodes}
+    # Six processes per trial, not eight: no spot-preemption watcher is asked for (a local
+    # search only), and no Ray Data dataset manager (no trial passes a Ray Dataset).
+    assert not actors(cluster, "DatasetManager")
 
 
 def test_failing_trial_is_recorded_and_search_goes_on(search):
