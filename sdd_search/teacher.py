@@ -108,7 +108,9 @@ def teacher_cache_key(config: TrialConfig) -> str:
         "data_root": str(Path(config.data.root).expanduser().resolve())
         if config.data.root
         else None,
-        "train": teacher_train.model_dump(exclude={"device", "num_threads", "compile"}),
+        "train": teacher_train.model_dump(
+            exclude={"device", "num_threads", "compile", "compile_mode"}
+        ),
         "version": 2,  # 2: digits split by sdd_search.data.stratified_split
     }
     blob = json.dumps(content, sort_keys=True).encode()

@@ -172,6 +172,38 @@ def resolve_device(train: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def compiled_or_eager(step: nn.Module, compile_fn: Callable[[nn.Module], Callable]) -> Callable:
+    """``compile_fn(step)``, falling back to the eager ``step`` if the compiler cannot build it.
+
+    A node without a working compiler toolchain (no C compiler for inductor, no Triton) makes
+    the first compiled call raise; the trial then trains eagerly, slower but correct, with a
+    warning, instead of failing. Errors of the step itself are raised as ever.
+    """
+    import warnings
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    compiled = compile_fn(step)
+    current: list[Callable] = [compiled]
+
+    def call(*args):
+        try:
+            return current[0](*args)
+        except BackendCompilerFailed as error:
+            if current[0] is step:
+                raise
+            warnings.warn(
+                f"torch.compile could not build the training step ({str(error).splitlines()[0]});"
+                " training eagerly (set train.compile: off to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            current[0] = step
+            return step(*args)
+
+    return call
+
+
 def _flag(value: str, device: torch.device) -> bool:
     """auto/on/off (or auto/bf16/off) -> bool; auto means on for CUDA only."""
     return value in ("on", "bf16") or (value == "auto" and device.type == "cuda")
@@ -332,7 +364,11 @@ def run_trial(
         torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune convs once
     # One graph for teacher + student + losses; dynamic=False is safe because the train loader
     # drops the last partial batch (static shapes; evaluation, with its partial batch, stays eager).
-    step_fn = torch.compile(step, dynamic=False) if use_compile else step
+    step_fn = (
+        compiled_or_eager(step, lambda m: torch.compile(m, dynamic=False, mode=train.compile_mode))
+        if use_compile
+        else step
+    )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     )  # for evaluation; bf16 keeps fp32's range: no loss scaler needed

@@ -243,3 +243,27 @@ def test_loader_augmentation_is_distributed_like_torchvision():
     left_half = flips[left < PAD].float().mean()
     right_half = flips[left > PAD].float().mean()
     assert abs(float(left_half - right_half)) < 0.06
+
+
+def test_a_step_the_compiler_cannot_build_trains_eagerly_with_a_warning(one_thread):
+    from sdd_search.train import compiled_or_eager
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C compiler on this node")  # what a missing toolchain looks like
+
+    torch._dynamo.reset()
+    student_net, teacher_net = _nets()
+    images, labels = _batch()
+    step = DistillationStep(student_net, teacher_net, DISTILL)
+    expected, _ = step(images, labels, torch.tensor(0.7))
+    step_fn = compiled_or_eager(step, lambda m: torch.compile(m, backend=broken_backend))
+    with pytest.warns(RuntimeWarning, match="training eagerly"):
+        loss, _ = step_fn(images, labels, torch.tensor(0.7))
+    torch.testing.assert_close(loss, expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager from now on: no second attempt, no new warning
+        loss, _ = step_fn(images, labels, torch.tensor(0.7))
+    torch.testing.assert_close(loss, expected)
+    torch._dynamo.reset()

@@ -204,3 +204,16 @@ def test_data_parallel_ranks_train_evaluate_and_keep_one_model(tmp_path):
     local = evaluate(model, val, torch.device("cpu"))
     assert local["val_top1"] == pytest.approx(ranks[0]["history"][-1]["val_top1"], abs=1e-9)
     assert info.num_val == 359
+
+
+def test_fast_path_is_on_by_default_for_cuda_only():
+    from sdd_search.train import _flag
+
+    train = TrainConfig()
+    assert (train.amp, train.channels_last, train.compile) == ("auto", "auto", "auto")
+    for value in (train.amp, train.channels_last, train.compile):
+        assert _flag(value, torch.device("cuda")) and not _flag(value, torch.device("cpu"))
+    assert train.compile_mode == "default"
+    assert TrainConfig(compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError):
+        TrainConfig(compile_mode="fast")
