@@ -233,10 +233,12 @@ class MlflowTrialCallback(Callback):
             for key, value in result.items():
                 if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
                     timing[key[len(TIMING_PREFIX) :]] = float(value)
-            # Tune calls on_trial_start once the trial's actor is up: its start-up counts from
-            # the actor process's creation (Ray may hand over an idle process made earlier).
-            created = max(timing.pop("driver_created", math.inf), self.fit_started)
-            timing["trial_started"] = min(timing["trial_started"], created)
+            if "driver_created" in timing:
+                # Tune calls on_trial_start once the trial's actor is up: its start-up counts
+                # from the actor process's creation (Ray may hand over an idle process made
+                # earlier, so never before this Tuner started).
+                created = max(timing.pop("driver_created"), self.fit_started)
+                timing["trial_started"] = min(timing["trial_started"], created)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
@@ -652,7 +654,7 @@ def run_search(
     )
     registered, best_path = _register_best(spec, tracker, search_rows, info, num_classes, log)
     wall = time.time() - started
-    overhead = _overhead(callback, search_rows + reference_rows)
+    overhead = _overhead(callback)
     if overhead:
         tracker.client.log_metric(
             parent_run_id, "orchestration_overhead_fraction", overhead["fraction"]
@@ -681,13 +683,13 @@ def _exists(path: str) -> bool:
     return tune.Tuner.can_restore(path)
 
 
-def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, float]:
+def _overhead(callback: MlflowTrialCallback) -> dict[str, float]:
     """Trial wall time minus time inside the training loop, over trials timed in this run.
 
     Also the median seconds of each start-up and wind-down phase (``sdd_search.trial.PHASES``)
     over the trials whose workers reported every mark, as ``phase/<name>``.
     """
-    walls, loops, phases = [], [], []
+    walls, loops, phases, per_epoch = [], [], [], []
     for timing in callback.timings.values():
         if "trial_ended" in timing and timing.get("loop_seconds"):
             walls.append(timing["trial_ended"] - timing["trial_started"])
@@ -695,6 +697,8 @@ def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, floa
             split = phase_seconds(timing, timing["loop_seconds"])
             if split is not None:
                 phases.append(split)
+            if "report_seconds_per_epoch" in timing:
+                per_epoch.append(timing["report_seconds_per_epoch"])
     if not walls:
         return {}
     per_trial = [w - ell for w, ell in zip(walls, loops, strict=True)]
@@ -707,11 +711,6 @@ def _overhead(callback: MlflowTrialCallback, rows: list[dict]) -> dict[str, floa
     }
     for phase, _, _ in PHASES if phases else ():
         out[f"phase/{phase}"] = float(np.median([p[phase] for p in phases]))
-    per_epoch = [
-        t["report_seconds_per_epoch"]
-        for t in callback.timings.values()
-        if "trial_ended" in t and "report_seconds_per_epoch" in t
-    ]
     if per_epoch:  # within "checkpoints, reports": what each epoch's report costs the worker
         out["report_seconds_per_epoch"] = float(np.median(per_epoch))
     return out

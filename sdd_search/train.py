@@ -183,22 +183,20 @@ def compiled_or_eager(step: nn.Module, compile_fn: Callable[[nn.Module], Callabl
 
     from torch._dynamo.exc import BackendCompilerFailed
 
-    compiled = compile_fn(step)
-    current: list[Callable] = [compiled]
+    run = compile_fn(step)
 
     def call(*args):
+        nonlocal run
         try:
-            return current[0](*args)
-        except BackendCompilerFailed as error:
-            if current[0] is step:
-                raise
+            return run(*args)
+        except BackendCompilerFailed as error:  # never raised by the eager step
             warnings.warn(
                 f"torch.compile could not build the training step ({str(error).splitlines()[0]});"
                 " training eagerly (set train.compile: off to skip the attempt)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            current[0] = step
+            run = step
             return step(*args)
 
     return call

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -94,8 +95,8 @@ def teacher_from_state(trial: TrialConfig, state: dict, num_classes: int):
     return teacher
 
 
-def _process_start_time() -> float | None:
-    """Wall-clock time this process was created (None where that cannot be told)."""
+def _process_start_time() -> float:
+    """Wall-clock time this process was created (NaN where that cannot be told)."""
     try:
         import psutil  # Ray puts its vendored copy on sys.path in its worker processes
 
@@ -103,8 +104,6 @@ def _process_start_time() -> float | None:
     except Exception:
         pass
     try:  # Linux without psutil: start time in clock ticks after boot, plus the boot time
-        import os
-
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(
             float(line.split()[1])
@@ -113,7 +112,7 @@ def _process_start_time() -> float | None:
         )
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except Exception:
-        return None
+        return math.nan
 
 
 def train_worker(loop_config: dict) -> None:
@@ -136,7 +135,7 @@ def train_worker(loop_config: dict) -> None:
     timing: dict[str, float] = {
         f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
         f"{TIMING_PREFIX}driver_entered": loop_config.get("driver_entered", math.nan),
-        f"{TIMING_PREFIX}worker_created": _process_start_time() or math.nan,
+        f"{TIMING_PREFIX}worker_created": _process_start_time(),
         f"{TIMING_PREFIX}worker_imported": imported,
     }
 
@@ -220,7 +219,6 @@ def trainer_class(workers: int) -> type:
 def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
     """Tune trainable: one trial = one Ray Train run (data-parallel over the spec's workers)."""
     entered = time.time()
-    created = _process_start_time()
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -239,7 +237,7 @@ def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None =
             "teacher": teacher,
             "num_classes": setup["num_classes"],
             "metric": setup.get("metric", "val_top1"),
-            "driver_created": created if created is not None else math.nan,
+            "driver_created": _process_start_time(),
             "driver_entered": entered,
         },
         scaling_config=ray.train.ScalingConfig(
