@@ -27,14 +27,11 @@ from common import (
     base_parser,
     build_step,
     describe,
-    first_call_seconds,
     flag,
-    interleaved_seconds,
-    median_ratio,
+    loader_fed_over_fixed,
     median_seconds,
     resolve,
     result,
-    train_steps,
 )
 
 from sdd_search.config import TrialConfig
@@ -133,35 +130,15 @@ def main() -> None:
         channels_last=channels_last,
         compile=compiled,
     )
-    images, labels = (tensor.clone() for tensor in next(iter(loader)))  # a real batch, fixed
-    first = first_call_seconds(step, images, labels)
-    print(f"first step {first:.1f} s (compile, allocation)")
-
-    def loader_fed_epoch() -> None:
-        loader.set_epoch(next(epochs))
-        for batch_images, batch_labels in loader:
-            step.train(batch_images, batch_labels)
-
-    times = interleaved_seconds(
-        {"loader": loader_fed_epoch, "fixed": train_steps(step, images, labels, steps)},
-        device=device,
-        repeats=args.repeats,
-        warmup=args.warmup,
-    )
-    fed_rate = steps * batch / statistics.median(times["loader"])
-    fixed_rate = steps * batch / statistics.median(times["fixed"])
-    fraction = median_ratio(times["fixed"], times["loader"])  # loader-fed rate / fixed rate
-    verdict = "met" if fraction >= TARGET else "MISSED"
-    print(f"loader-fed step: {fed_rate:,.1f} img/s   fixed batch: {fixed_rate:,.1f} img/s")
-    print(f"loader-fed / fixed: {fraction:.3f} (target >= {TARGET}: {verdict})")
     values = {
         "device": device.type,
         "batch": batch,
         "loader_img_per_s": f"{loader_rate:.0f}",
-        "fed_img_per_s": f"{fed_rate:.1f}",
-        "fixed_img_per_s": f"{fixed_rate:.1f}",
-        "fed_over_fixed": f"{fraction:.3f}x",
+        **loader_fed_over_fixed(
+            step, loader, batch=batch, repeats=args.repeats, warmup=args.warmup, target=TARGET
+        ),
     }
+    fixed_rate = float(values["fixed_img_per_s"])
 
     # 4. run_trial itself (its own loop, evaluation excluded from the rate).
     if not args.no_run_trial:

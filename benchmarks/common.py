@@ -258,3 +258,40 @@ def ratio(value: float) -> str:
 
 def parse_ints(text: str) -> list[int]:
     return [int(part) for part in str(text).split(",") if part]
+
+
+def loader_fed_over_fixed(
+    step: Step, loader, *, batch: int, repeats: int, warmup: int, target: float
+) -> dict[str, str]:
+    """Target 1's ratio: epochs of ``step`` fed by ``loader`` against as many steps on one fixed
+    real batch (the synthetic-data rate of the same step object), taking turns.
+
+    Prints both rates and the ratio; returns the RESULT fields.
+    """
+    steps = len(loader)
+    epochs = iter(range(1_000_000, 2_000_000))  # epoch numbers no earlier pass used
+    images, labels = (tensor.clone() for tensor in next(iter(loader)))
+    print(f"first step {first_call_seconds(step, images, labels):.1f} s (compile, allocation)")
+
+    def loader_fed_epoch() -> None:
+        loader.set_epoch(next(epochs))
+        for batch_images, batch_labels in loader:
+            step.train(batch_images, batch_labels)
+
+    times = interleaved_seconds(
+        {"loader": loader_fed_epoch, "fixed": train_steps(step, images, labels, steps)},
+        device=step.device,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    fed_rate = steps * batch / statistics.median(times["loader"])
+    fixed_rate = steps * batch / statistics.median(times["fixed"])
+    fraction = median_ratio(times["fixed"], times["loader"])  # loader-fed rate / fixed rate
+    verdict = "met" if fraction >= target else "MISSED"
+    print(f"loader-fed step: {fed_rate:,.1f} img/s   fixed batch: {fixed_rate:,.1f} img/s")
+    print(f"loader-fed / fixed: {fraction:.3f} (target >= {target}: {verdict})")
+    return {
+        "fed_img_per_s": f"{fed_rate:.1f}",
+        "fixed_img_per_s": f"{fixed_rate:.1f}",
+        "fed_over_fixed": f"{fraction:.3f}x",
+    }

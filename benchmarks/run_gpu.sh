@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark with GPU-sized settings, in one go (about 6 minutes on one H200; each script
-# has its own time limit so the whole run stays under 10). Needs torch, torchvision, numpy and
+# Every benchmark with GPU-sized settings, in one go (about 8 minutes on one H200, estimated;
+# each script has its own time limit so the whole run stays under 10). Needs torch, torchvision, numpy and
 # pydantic only (no Ray, MLflow or Optuna). Outputs: $OUT/<script>.txt and $OUT/results.txt
 # (the RESULT lines); without $OUT, benchmarks/out/.
 #
@@ -29,10 +29,11 @@ run() {  # run <seconds> <script> [args...]
     echo "== $name: exit $status after $((SECONDS - start))s" | tee -a "$out_dir/$name.txt"
 }
 
-run 200 bench_step --batch-sizes 64,512            # compiles the fast-path graphs (cold cache)
-run 100 bench_loss --batch-sizes 64,512            # same graphs: cache hits
-run 110 bench_data --batch-size 512                # 50,000 synthetic CIFAR-sized images
-run 150 bench_packing --batch-size 64 --repeats 2 --seconds 5
+run 180 bench_step --batch-sizes 64,512            # compiles the fast-path graphs (cold cache)
+run 80 bench_loss --batch-sizes 64,512             # same graphs: cache hits
+run 100 bench_data --batch-size 512                # 50,000 synthetic CIFAR-sized images
+run 120 bench_imagefolder --batch-size 256         # 2,048 JPEGs, resnet34 -> resnet18 at 224 px
+run 100 bench_packing --batch-size 64 --repeats 2 --seconds 5
 
 grep -h '^RESULT' "$out_dir"/bench_*.txt | tee "$out_dir/results.txt"
 echo "total ${SECONDS}s"

@@ -20,7 +20,7 @@ Two loaders behind the same small protocol (:class:`Loader`):
 - :class:`ImageFolderLoader` (imagefolder: ImageNet, CUB-200, the user's own folders): worker
   processes only read encoded file bytes; the main process decodes a whole batch at once with
   ``torchvision.io.decode_jpeg(..., device=device)`` (nvjpeg on CUDA), then random-resized-crops,
-  flips and normalises on the device.
+  flips and normalises on the device (on CUDA the whole batch's crops in a few batched kernels).
 
 Sharding: the epoch's permutation is a function of (seed, epoch) and identical on every rank;
 rank r takes every world_size-th element starting at r. Train shards drop the tail so all ranks
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,6 +81,11 @@ _VAL_RESIZE_FRACTION = 0.875  # ImageNet convention: resize to S / 0.875, center
 _RRC_SCALE = (0.08, 1.0)
 _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _RRC_ATTEMPTS = 10
+# The batched resize (CUDA) pads a chunk of regions to its largest: regions over this many pixels
+# on a side are resized image by image instead, and a chunk's canvas holds at most this many
+# elements (its int64 gather index 8 bytes each), which bounds the memory of one chunk.
+_BATCHED_MAX_SIDE = 512
+_CANVAS_ELEMENTS = 1 << 25
 
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
@@ -489,6 +494,141 @@ class _ShardSampler(torch.utils.data.Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
+def _resize_weights(
+    lengths: Tensor, scales: Tensor, starts: Tensor, size: int, span: int
+) -> Tensor:
+    """float32 ``n x size x span`` weights of the antialiased bilinear resize, one axis.
+
+    Row ``j`` of matrix ``i`` takes output sample ``j`` from the first ``lengths[i]`` of ``span``
+    input samples: the triangle filter centred at ``starts[i] + (j + 0.5) * scales[i]`` (input
+    pixels per output pixel), widened to ``scales[i]`` when downscaling, cut at the input's edge
+    and renormalised. This is PIL's and torchvision's ``antialias=True`` bilinear filter, so a
+    batched matrix product gives what ``torchvision.transforms.v2.functional.resize`` gives.
+    """
+    device = lengths.device
+    length = lengths.to(torch.float32)[:, None, None]
+    scale = scales.to(torch.float32)[:, None, None]
+    outputs = torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
+    centers = starts.to(torch.float32)[:, None, None] + (outputs + 0.5) * scale
+    positions = torch.arange(span, device=device, dtype=torch.float32)[None, None, :] + 0.5
+    weights = (1.0 - ((positions - centers) / scale.clamp(min=1.0)).abs()).clamp_(min=0.0)
+    weights = weights * (positions < length)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _resize_chunk(
+    images: list[Tensor],
+    plan: Tensor,
+    flips: Tensor,
+    size: int,
+    span: tuple[int, int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Resize one chunk of regions at once: uint8 ``n x C x size x size`` (see :func:`_resize_regions`).
+
+    ``plan`` is float64 ``n x 8`` on the host: region (top, left, height, width), scales (rows,
+    columns) and starts (rows, columns). Every region is gathered into one ``n x C x Hc x Wc``
+    canvas (``span``), edge pixels repeated past its end; two batched matrix products with the
+    per-image filter matrices (zero past each region, mirrored where ``flips``) resize them all,
+    in ``dtype``.
+    """
+    device = images[0].device
+    channels = images[0].shape[0]
+    span_h, span_w = span
+    dims = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
+    planes = dims[:, 0] * dims[:, 1]
+    offsets = torch.cumsum(planes * channels, 0) - planes * channels
+    region = plan[:, :4].to(torch.int64)
+    integers = torch.stack([offsets, planes, dims[:, 1], *region.unbind(1)], dim=1).to(device)
+    offset, plane, width, top, left, height, length = integers.unbind(1)
+    floats = plan[:, 4:].to(device)
+    flat = torch.cat([image.reshape(-1) for image in images])  # one copy of the whole batch
+    rows = torch.minimum(torch.arange(span_h, device=device), height[:, None] - 1) + top[:, None]
+    cols = torch.minimum(torch.arange(span_w, device=device), length[:, None] - 1) + left[:, None]
+    chans = torch.arange(channels, device=device)
+    index = (
+        (offset[:, None] + chans[None, :] * plane[:, None])[:, :, None, None]
+        + (rows * width[:, None])[:, None, :, None]
+        + cols[:, None, None, :]
+    )
+    canvas = flat[index].to(dtype)
+    weights_y = _resize_weights(height, floats[:, 0], floats[:, 2], size, span_h)
+    weights_x = _resize_weights(length, floats[:, 1], floats[:, 3], size, span_w)
+    weights_x = torch.where(flips.to(device)[:, None, None], weights_x.flip(1), weights_x)
+    resized = weights_y.to(dtype)[:, None] @ canvas @ weights_x.to(dtype).transpose(1, 2)[:, None]
+    return resized.float().round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_regions(
+    images: list[Tensor],
+    plan: Tensor,
+    flips: Tensor,
+    size: int,
+    one_by_one: Callable[[int], Tensor],
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """uint8 ``B x C x size x size``: a region of each image resized and mirrored, in a few ops.
+
+    ``plan`` (float64 ``B x 8``, host) gives per image the region the filter may read (top, left,
+    height, width, integers), the scales (input pixels per output pixel, rows then columns) and
+    the starts (where output pixel 0's edge lies, in region pixels). A random-resized crop is its
+    box with scales box/size and starts 0; resize-then-center-crop is the whole image with the
+    resize's scales and the crop offset times them. ``flips`` (bool ``B``) mirrors left-right.
+    Regions within ``_BATCHED_MAX_SIDE`` are sorted by area and resized in chunks of bounded
+    memory, a constant number of kernels per chunk instead of several per image; larger ones go
+    through ``one_by_one(i)`` (uint8 ``C x size x size``, not yet mirrored).
+
+    ``dtype`` of the matrix products, default float16 on CUDA (it holds every uint8 value
+    exactly and runs on the tensor cores; results within one grey level of float32's, as
+    torchvision's own uint8 kernels are) and float32 elsewhere.
+    """
+    count = len(images)
+    device = images[0].device
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out = torch.empty((count, images[0].shape[0], size, size), dtype=torch.uint8, device=device)
+    heights = plan[:, 2].to(torch.int64).tolist()
+    widths = plan[:, 3].to(torch.int64).tolist()
+    mirrored = flips.tolist()
+    batched = []
+    for i in range(count):
+        if max(heights[i], widths[i]) <= _BATCHED_MAX_SIDE:
+            batched.append(i)
+        else:
+            image = one_by_one(i)
+            out[i] = image.flip(-1) if mirrored[i] else image
+    batched.sort(key=lambda i: heights[i] * widths[i])
+    channels = images[0].shape[0]
+    start = 0
+    while start < len(batched):
+        end, span_h, span_w = start, 0, 0
+        while end < len(batched):
+            i = batched[end]
+            grown_h, grown_w = max(span_h, heights[i]), max(span_w, widths[i])
+            if end > start and (end - start + 1) * channels * grown_h * grown_w > _CANVAS_ELEMENTS:
+                break
+            end, span_h, span_w = end + 1, grown_h, grown_w
+        chunk = batched[start:end]
+        picks = torch.tensor(chunk, dtype=torch.int64)
+        out[picks.to(device)] = _resize_chunk(
+            [images[i] for i in chunk], plan[picks], flips[picks], size, (span_h, span_w), dtype
+        )
+        start = end
+    return out
+
+
+def _resize_shorter_then_center(height: int, width: int, resize_to: int, size: int) -> list[float]:
+    """The :func:`_resize_regions` plan row of torchvision's ``resize(resize_to)`` + ``center_crop(size)``."""
+    # torchvision.transforms.v2.functional._geometry._compute_resized_output_size, then center_crop.
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize_to, int(resize_to * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    scale_h, scale_w = height / new_h, width / new_w
+    return [0, 0, height, width, scale_h, scale_w, top * scale_h, left * scale_w]
+
+
 def _is_jpeg(encoded: Tensor) -> bool:
     return encoded.numel() >= 2 and int(encoded[0]) == 0xFF and int(encoded[1]) == 0xD8
 
@@ -500,7 +640,10 @@ class ImageFolderLoader:
     sharded with the tail dropped, RandomResizedCrop(image_size, scale (0.08, 1), ratio (3/4, 4/3))
     and a horizontal flip with probability 1/2. Validation: shorter side resized to
     ``int(image_size / 0.875)``, center crop ``image_size``. Greyscale and CMYK JPEGs decode to RGB;
-    PNG files (some ImageNet "JPEG"s are) decode on the CPU.
+    PNG files (some ImageNet "JPEG"s are) decode on the CPU. The resizes are torchvision's
+    antialiased bilinear; with ``batched_resize`` (default: on CUDA) a batch's crops are resized
+    together by a few batched matrix products (:func:`_resize_regions`) instead of one resize per
+    image, which would leave the GPU waiting on Python at ImageNet rates.
 
     Yields float32 ``B x 3 x S x S`` normalised images and int64 labels on ``device``.
     """
@@ -521,6 +664,7 @@ class ImageFolderLoader:
         world_size: int = 1,
         num_workers: int = 4,
         channels_last: bool = False,
+        batched_resize: bool | None = None,
         name: str = "imagefolder",
     ) -> None:
         if batch_size < 1:
@@ -535,6 +679,12 @@ class ImageFolderLoader:
         self.rank = rank
         self.world_size = world_size
         self.channels_last = channels_last
+        # CUDA resizes the whole batch in a few kernels (per-image resizes would leave the GPU
+        # waiting on Python); the CPU's per-image uint8 kernels are faster than padded matrix
+        # products there. Both give torchvision's antialiased resize, to within 1 grey level.
+        self.batched_resize = (
+            self.device.type == "cuda" if batched_resize is None else batched_resize
+        )
         self.epoch = 0
         self._paths = list(paths)
         self._dataset = _EncodedImageFiles(self._paths, labels)
@@ -617,15 +767,21 @@ class ImageFolderLoader:
 
         heights = torch.tensor([image.shape[-2] for image in images], dtype=torch.int64)
         widths = torch.tensor([image.shape[-1] for image in images], dtype=torch.int64)
-        # Crop boxes for the whole batch in one vectorised draw; they are host ints for slicing.
-        boxes = _sample_resized_crop_boxes(heights, widths, generator).tolist()
-        flips = _sample_flips(len(images), generator).tolist()
+        # Crop boxes for the whole batch in one vectorised draw, on the host (no device sync).
+        boxes = _sample_resized_crop_boxes(heights, widths, generator)
+        flips = _sample_flips(len(images), generator)
         size = [self.image_size, self.image_size]
-        out = []
-        for image, (top, left, height, width), flip in zip(images, boxes, flips, strict=True):
-            crop = TF.resized_crop(image, top, left, height, width, size, antialias=True)
-            out.append(crop.flip(-1) if flip else crop)
-        return torch.stack(out)
+
+        def one(i: int) -> Tensor:
+            top, left, height, width = boxes[i].tolist()
+            return TF.resized_crop(images[i], top, left, height, width, size, antialias=True)
+
+        if self.batched_resize:
+            scales = boxes[:, 2:].to(torch.float64) / self.image_size
+            plan = torch.cat([boxes.to(torch.float64), scales, torch.zeros_like(scales)], dim=1)
+            return _resize_regions(images, plan, flips, self.image_size, one)
+        mirrored = flips.tolist()
+        return torch.stack([one(i).flip(-1) if mirrored[i] else one(i) for i in range(len(images))])
 
     def _center(self, images: list[Tensor]) -> Tensor:
         """Resize shorter side to ``int(S / 0.875)`` and center-crop ``S``: uint8 ``B x 3 x S x S``."""
@@ -633,10 +789,21 @@ class ImageFolderLoader:
 
         resize_to = int(self.image_size / _VAL_RESIZE_FRACTION)
         size = [self.image_size, self.image_size]
-        out = [
-            TF.center_crop(TF.resize(image, [resize_to], antialias=True), size) for image in images
-        ]
-        return torch.stack(out)
+
+        def one(i: int) -> Tensor:
+            return TF.center_crop(TF.resize(images[i], [resize_to], antialias=True), size)
+
+        if self.batched_resize:
+            plan = torch.tensor(
+                [
+                    _resize_shorter_then_center(*image.shape[-2:], resize_to, self.image_size)
+                    for image in images
+                ],
+                dtype=torch.float64,
+            )
+            flips = torch.zeros(len(images), dtype=torch.bool)
+            return _resize_regions(images, plan, flips, self.image_size, one)
+        return torch.stack([one(i) for i in range(len(images))])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Crop parameters must be host ints for slicing, so they come from a CPU generator.

@@ -485,6 +485,136 @@ def test_imagefolder_undecodable_file_names_the_path(image_folder: Path) -> None
         list(val)
 
 
+def _smooth_images(sides: list[tuple[int, int]], seed: int) -> list[torch.Tensor]:
+    """Photo-like uint8 RGB images: coarse noise blown up, so that resizes are not all aliasing."""
+    import torchvision.transforms.v2.functional as TF
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for height, width in sides:
+        coarse = torch.randint(
+            0, 256, (3, max(height // 6, 2), max(width // 6, 2)), generator=generator
+        )
+        images.append(TF.resize(coarse.to(torch.uint8), [height, width], antialias=True))
+    return images
+
+
+def _bare_loader(image_size: int, batched: bool) -> ImageFolderLoader:
+    """An ImageFolderLoader with just what its _augment and _center use (no files behind it)."""
+    loader = ImageFolderLoader.__new__(ImageFolderLoader)
+    loader.image_size, loader.batched_resize = image_size, batched
+    return loader
+
+
+def test_batched_resize_is_torchvisions_antialiased_resize(monkeypatch) -> None:
+    """The GPU's batched crop + resize gives torchvision's float result, flips included; regions
+    over the size cap go image by image; chunking the batch changes nothing."""
+    import torchvision.transforms.v2.functional as TF
+
+    size, cap = 48, 160
+    resize_to = int(size / 0.875)
+    # Up- and downscaling crops, odd shapes, and an image whose every crop is over the size cap.
+    sides = [(30, 40), (75, 50), (140, 150), (61, 200), (17, 23), (150, 90), (900, 800), (90, 90)]
+    monkeypatch.setattr(data, "_BATCHED_MAX_SIDE", cap)
+    images = _smooth_images(sides, seed=0)
+    loader = _bare_loader(size, batched=True)
+    train = loader._augment(images, torch.Generator().manual_seed(7))
+    val = loader._center(images)
+    assert train.shape == val.shape == (len(sides), 3, size, size) and train.dtype == torch.uint8
+
+    # The loader's draws, repeated: boxes, then flips, from the same generator.
+    generator = torch.Generator().manual_seed(7)
+    heights, widths = torch.tensor(sides).unbind(1)
+    boxes = data._sample_resized_crop_boxes(heights, widths, generator).tolist()
+    flips = data._sample_flips(len(sides), generator).tolist()
+    assert any(flips) and not all(flips)
+
+    def check(got: torch.Tensor, expected_float: torch.Tensor, expected_uint8, batched) -> None:
+        if not batched:  # over the cap: torchvision's own (uint8) resize, exactly
+            assert torch.equal(got, expected_uint8)
+            return
+        expected = expected_float.round().clamp(0, 255).to(torch.uint8)
+        diff = (got.int() - expected.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.005
+
+    batched_counts = {"train": 0, "val": 0}
+    for i, image in enumerate(images):
+        top, left, height, width = boxes[i]
+        crop = [top, left, height, width, [size, size]]
+        expected_float = TF.resized_crop(image.float(), *crop, antialias=True)
+        expected_uint8 = TF.resized_crop(image, *crop, antialias=True)
+        if flips[i]:
+            expected_float, expected_uint8 = expected_float.flip(-1), expected_uint8.flip(-1)
+        in_batch = max(height, width) <= cap
+        batched_counts["train"] += in_batch
+        check(train[i], expected_float, expected_uint8, in_batch)
+
+        def center(image: torch.Tensor) -> torch.Tensor:
+            return TF.center_crop(TF.resize(image, [resize_to], antialias=True), [size, size])
+
+        in_batch = max(image.shape[-2:]) <= cap
+        batched_counts["val"] += in_batch
+        check(val[i], center(image.float()), center(image), in_batch)
+    assert 0 < batched_counts["train"] < len(sides) and 0 < batched_counts["val"] < len(sides)
+
+    monkeypatch.setattr(data, "_CANVAS_ELEMENTS", 3 * 40 * 40)  # one region per chunk
+    for again, before in (
+        (loader._augment(images, torch.Generator().manual_seed(7)), train),
+        (loader._center(images), val),
+    ):
+        diff = (again.int() - before.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.001
+
+
+def test_batched_resize_in_half_precision_stays_within_one_grey_level() -> None:
+    """CUDA runs the batched resize's products in float16: one grey level at most from the
+    float result, in fewer pixels than torchvision's own uint8 kernels differ from it."""
+    import torchvision.transforms.v2.functional as TF
+
+    size = 96
+    sides = [tuple(side) for side in torch.randint(150, 260, (8, 2)).tolist()]
+    images = _smooth_images(sides, seed=1)
+    heights, widths = torch.tensor(sides).unbind(1)
+    boxes = data._sample_resized_crop_boxes(heights, widths, torch.Generator().manual_seed(3))
+    scales = boxes[:, 2:].to(torch.float64) / size
+    plan = torch.cat([boxes.to(torch.float64), scales, torch.zeros_like(scales)], dim=1)
+    no_flips = torch.zeros(len(sides), dtype=torch.bool)
+    crops = [(image, box) for image, box in zip(images, boxes.tolist(), strict=True)]
+    exact = torch.stack(
+        [TF.resized_crop(im.float(), *box, [size, size], antialias=True) for im, box in crops]
+    ).round()
+    uint8 = torch.stack(
+        [TF.resized_crop(im, *box, [size, size], antialias=True) for im, box in crops]
+    )
+    half = data._resize_regions(images, plan, no_flips, size, None, dtype=torch.float16)
+    half_diff = (half.int() - exact.int()).abs()
+    uint8_off = float(((uint8.int() - exact.int()).abs() > 0).float().mean())
+    assert int(half_diff.max()) <= 1
+    assert float((half_diff > 0).float().mean()) < min(0.1, uint8_off)
+
+
+def test_imagefolder_batched_resize_matches_the_per_image_path(image_folder: Path) -> None:
+    def loaders(batched: bool | None) -> tuple[ImageFolderLoader, ImageFolderLoader]:
+        _, train, val = build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=4, device=CPU, image_size=32,
+            num_workers=0, seed=2,
+        )  # fmt: skip
+        if batched is not None:
+            train.batched_resize = val.batched_resize = batched
+        return train, val
+
+    default_train, default_val = loaders(None)
+    assert not default_train.batched_resize and not default_val.batched_resize  # CPU: per image
+    for per_image, batched in zip(loaders(False), loaders(True), strict=True):
+        per_image.set_epoch(3)
+        batched.set_epoch(3)
+        (images_a, labels_a), (images_b, labels_b) = _all_batches(per_image), _all_batches(batched)
+        assert torch.equal(labels_a, labels_b)
+        pixels_a = _denormalise(images_a, dataset_info("imagefolder", str(image_folder)))
+        pixels_b = _denormalise(images_b, dataset_info("imagefolder", str(image_folder)))
+        assert float((pixels_a - pixels_b).abs().max()) <= 1.01  # one grey level
+
+
 def test_imagefolder_missing_root_layout_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "train"))):
         dataset_info("imagefolder", str(tmp_path))
