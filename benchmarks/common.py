@@ -154,9 +154,12 @@ class Step:
     device: torch.device
     kd_scale: Tensor
     sums: Tensor
+    cuda_graphs: bool = False
 
     def train(self, images: Tensor, labels: Tensor) -> None:
         """The body of run_trial's step loop: fused forward, backward, SGD, device-side sums."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss, batch_sums = self.step_fn(images, labels, self.kd_scale)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,6 +211,7 @@ def build_step(
         device,
         kd_scale=torch.full((), 1.0, device=device),
         sums=torch.zeros(5, device=device),
+        cuda_graphs=compile and device.type == "cuda" and compile_mode == "reduce-overhead",
     )
 
 

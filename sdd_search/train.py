@@ -163,10 +163,18 @@ class DistillationStep(nn.Module):
         return loss, sums
 
 
-def resolve_device(train: TrainConfig) -> torch.device:
+def resolve_device(train: TrainConfig, assigned: torch.device | None = None) -> torch.device:
+    """The device this process trains on.
+
+    ``assigned`` is the GPU a scheduler gave this process (Ray Train's ``get_device()``: the
+    visible index of this worker's own GPU, which need not be its local rank when several
+    workers share a node); without one, ``LOCAL_RANK`` (torchrun) picks among the visible GPUs.
+    """
     if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is cuda but torch sees no CUDA device")
+        if assigned is not None and assigned.type == "cuda":
+            return assigned
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -273,6 +281,7 @@ def run_trial(
     resume_from: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
 ) -> TrialResult:
     """Train ``config.student`` on ``config.data`` with ce + warmup * SDD, evaluating each epoch.
 
@@ -285,6 +294,8 @@ def run_trial(
             (model, optimiser, schedule, RNG state and data order).
         checkpoint_dir: without ``report``, save ``checkpoint.pt`` here after every epoch.
         log: one line per epoch (rank 0), e.g. ``print``.
+        device: the GPU a scheduler assigned this process (see :func:`resolve_device`); used
+            when ``train.device`` resolves to CUDA.
 
     Returns the trained student and the per-epoch metrics.
     """
@@ -294,7 +305,7 @@ def run_trial(
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world_size = dist.get_world_size() if distributed else 1
-    device = resolve_device(train)
+    device = resolve_device(train, device)
     use_amp = _flag(train.amp, device)
     channels_last = _flag(train.channels_last, device)
     use_compile = _flag(train.compile, device)
@@ -367,6 +378,7 @@ def run_trial(
         if use_compile
         else step
     )
+    cuda_graphs = use_compile and device.type == "cuda" and train.compile_mode == "reduce-overhead"
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     )  # for evaluation; bf16 keeps fp32's range: no loss scaler needed
@@ -401,6 +413,9 @@ def run_trial(
         # Running sums stay on the device: no host sync inside the step loop.
         sums = torch.zeros(5, device=device)  # loss, ce, kd, correct, seen
         for images, labels in train_loader:
+            if cuda_graphs:
+                # Each step is a new iteration: its graph outputs may reuse the last one's memory.
+                torch.compiler.cudagraph_mark_step_begin()
             loss, batch_sums = step_fn(images, labels, kd_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -115,6 +115,17 @@ def _process_start_time() -> float:
         return math.nan
 
 
+def _assigned_device():
+    """The GPU Ray assigned this worker (``ray.train.torch.get_device()``), or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from ray.train.torch import get_device
+
+    return get_device()
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
     import ray
@@ -173,7 +184,13 @@ def train_worker(loop_config: dict) -> None:
             for row in load_checkpoint(resume_from)["history"]:
                 ray.train.report({**row, "replayed": 1.0})
         try:
-            run_trial(trial, teacher=teacher, report=report, resume_from=resume_from)
+            run_trial(
+                trial,
+                teacher=teacher,
+                report=report,
+                resume_from=resume_from,
+                device=_assigned_device(),
+            )
         except NonFiniteLossError as error:
             # A diverged trial is an outcome, not a crash: retrying it would diverge again.
             # Tune rejects a result without the searched metric (it would end the whole search):

@@ -17,7 +17,7 @@ from sdd_search.teacher import (
     load_teacher,
     save_model_file,
 )
-from sdd_search.train import CHECKPOINT_FILE, load_checkpoint, run_trial
+from sdd_search.train import CHECKPOINT_FILE, load_checkpoint, resolve_device, run_trial
 
 
 def tiny_config(tmp_path, **distill) -> TrialConfig:
@@ -217,3 +217,13 @@ def test_fast_path_is_on_by_default_for_cuda_only():
     assert TrainConfig(compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
     with pytest.raises(ValueError):
         TrainConfig(compile_mode="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answers")
+def test_device_choice_without_a_gpu() -> None:
+    """A scheduler's GPU never overrides a CPU run; asking for CUDA without one is an error."""
+    assigned = torch.device("cuda", 1)
+    assert resolve_device(TrainConfig(device="cpu"), assigned) == torch.device("cpu")
+    assert resolve_device(TrainConfig(device="auto"), assigned) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="train.device is cuda"):
+        resolve_device(TrainConfig(device="cuda"), assigned)
