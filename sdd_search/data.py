@@ -772,8 +772,10 @@ class ImageFolderLoader:
         flips = _sample_flips(len(images), generator)
         size = [self.image_size, self.image_size]
 
+        box_list = boxes.tolist()
+
         def one(i: int) -> Tensor:
-            top, left, height, width = boxes[i].tolist()
+            top, left, height, width = box_list[i]
             return TF.resized_crop(images[i], top, left, height, width, size, antialias=True)
 
         if self.batched_resize:

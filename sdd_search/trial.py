@@ -116,14 +116,18 @@ def _process_start_time() -> float:
 
 
 def _assigned_device():
-    """The GPU Ray assigned this worker (``ray.train.torch.get_device()``), or None without one."""
+    """The GPU Ray assigned this worker (``ray.train.torch.get_device()``), or None without one
+    (run_trial then falls back to ``LOCAL_RANK`` among the visible GPUs)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     from ray.train.torch import get_device
 
-    return get_device()
+    try:
+        return get_device()
+    except (RuntimeError, ValueError):  # no GPU id for this worker, or none visible to it
+        return None
 
 
 def train_worker(loop_config: dict) -> None:
