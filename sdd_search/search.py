@@ -28,6 +28,7 @@ from sdd_search.trial import (
     ROLE_KEY,
     TIMING_PREFIX,
     TRIAL_KEY,
+    WORKER_FACTS,
     config_of,
     encode_choice,
     phase_seconds,
@@ -215,15 +216,13 @@ class MlflowTrialCallback(Callback):
         self.logged_epochs[trial.trial_id] = epoch
         keep = {k: v for k, v in result.items() if k in _LOGGED_METRICS}
         self.tracker.log_epoch(run_id, keep, step=epoch, timestamp_ms=int(time.time() * 1000))
-        if result.get("node_ip"):
-            self.tracker.set_tags(
-                run_id,
-                {
-                    "sys.node_ip": result["node_ip"],
-                    "sys.hostname": result.get("hostname", ""),
-                    "sys.world_size": str(int(result.get("world_size", 1))),
-                },
-            )
+        # Where rank 0 trains (its first epoch after every start, so a restart on another node
+        # updates them), and the world size.
+        tags = {tag: str(result[key]) for key, tag in WORKER_FACTS.items() if key in result}
+        if "world_size" in result:
+            tags["sys.world_size"] = str(int(result["world_size"]))
+        if tags:
+            self.tracker.set_tags(run_id, tags)
         if not result.get("replayed"):
             timing = self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
             timing["loop_seconds"] = timing.get("loop_seconds", 0.0) + float(

@@ -28,6 +28,16 @@ REFERENCE_NAMES = ("baseline", "kd")  # a student on labels only, and plain KD (
 ROLE_KEY = "sdd_role"
 TRIAL_KEY = "sdd_trial"
 TIMING_PREFIX = "timing/"  # result keys holding start-up timestamps (not logged as metrics)
+# Result keys with facts about where rank 0 trains (strings, sent with its first epoch), and the
+# MLflow tags they become: the trial's Tune actor (and so Tune's own node_ip) is on the head.
+WORKER_FACTS = {
+    "worker/node_ip": "sys.node_ip",
+    "worker/hostname": "sys.hostname",
+    "worker/device": "sys.device",
+    "worker/gpu_name": "sys.gpu_name",
+    "worker/gpu_ids": "sys.gpu_ids",
+    "worker/cuda_visible_devices": "sys.cuda_visible_devices",
+}
 
 # --------------------------------------------------------------------------------------------
 # A trial's configuration from Tune's
@@ -130,6 +140,26 @@ def _assigned_device():
         return None
 
 
+def _worker_facts(device) -> dict[str, str]:
+    """Where this worker trains: node, host, device, and the GPU ids Ray gave it (a fractional
+    GPU shows as the same id in every trial packed on it)."""
+    import socket
+
+    import ray
+    import torch
+
+    facts = {
+        "worker/node_ip": ray.util.get_node_ip_address(),
+        "worker/hostname": socket.gethostname(),
+        "worker/device": str(device) if device is not None else "cpu",
+        "worker/gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
+        "worker/cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
+    if device is not None and device.type == "cuda":
+        facts["worker/gpu_name"] = torch.cuda.get_device_name(device)
+    return facts
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
     import ray
@@ -146,12 +176,14 @@ def train_worker(loop_config: dict) -> None:
         state = ray.get(loop_config["teacher"]["ref"])
         teacher = teacher_from_state(trial, state, loop_config["num_classes"])
 
-    # Start-up timestamps, sent once with the first epoch this process trains.
-    timing: dict[str, float] = {
+    device = _assigned_device()
+    # Start-up timestamps and where it trains, sent once with the first epoch this process trains.
+    timing: dict[str, Any] = {
         f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
         f"{TIMING_PREFIX}driver_entered": loop_config.get("driver_entered", math.nan),
         f"{TIMING_PREFIX}worker_created": _process_start_time(),
         f"{TIMING_PREFIX}worker_imported": imported,
+        **_worker_facts(device),
     }
 
     reporting = {"seconds": 0.0, "epochs": 0}  # time spent in report(): checkpoint + send
@@ -193,7 +225,7 @@ def train_worker(loop_config: dict) -> None:
                 teacher=teacher,
                 report=report,
                 resume_from=resume_from,
-                device=_assigned_device(),
+                device=device,
             )
         except NonFiniteLossError as error:
             # A diverged trial is an outcome, not a crash: retrying it would diverge again.

@@ -303,6 +303,74 @@ def test_data_parallel_trial_spans_two_nodes(two_workers, teacher_cache, shared)
     assert local["val_top1"] == pytest.approx(run.data.metrics["val_top1"], abs=1e-6)
 
 
+def test_fractional_gpus_pack_two_trials_on_one_gpu(cluster, teacher_cache, shared):
+    """``resources.gpus_per_worker: 0.5`` packs two trials onto one GPU: on a node with one (Ray
+    logical) GPU and two CPUs, both trials' Train workers are alive at once, and each trial's
+    MLflow run names that node and GPU. (torch sees no CUDA here, so they train on the CPU.)"""
+    from sdd_search.search import run_search
+    from sdd_search.spec import load_spec
+
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    try:
+        path = write_spec(
+            shared,
+            "packed",
+            {
+                "resources": {"gpus_per_worker": 0.5, "cpus_per_worker": 1},
+                "search": {"num_trials": 2, "max_concurrent": 2, "top_k": 0},
+            },
+        )
+        raw = yaml.safe_load(path.read_text())
+        raw["resources"]["custom"] = {}  # the GPU, not the trainer resource, places these trials
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        spec = load_spec(path)
+        workers_before = set(actors(cluster, "RayTrainWorker"))
+        outcome: dict = {}
+
+        def search():
+            try:
+                outcome["result"] = run_search(spec, address=cluster.address, log=lambda *_: None)
+            except BaseException as error:  # re-raised below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=search, daemon=True)
+        thread.start()
+        most_at_once, deadline = 0, time.time() + 300
+        while thread.is_alive() and time.time() < deadline:
+            alive = [
+                a
+                for a in actors(cluster, "RayTrainWorker").values()
+                if a["State"] == "ALIVE" and a["Address"]["NodeID"] == gpu_node.node_id
+            ]
+            most_at_once = max(most_at_once, len(alive))
+            time.sleep(0.2)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the packed search did not finish"
+        if "error" in outcome:
+            raise outcome["error"]
+
+        assert [row["status"] for row in outcome["result"].leaderboard] == ["done", "done"]
+        new_workers = [
+            a for k, a in actors(cluster, "RayTrainWorker").items() if k not in workers_before
+        ]
+        assert {a["Address"]["NodeID"] for a in new_workers} == {gpu_node.node_id}
+        # One GPU, 0.5 each: both trials trained at the same time (with a whole GPU each, the
+        # second trial's worker could only start once the first had ended).
+        assert most_at_once == 2
+        _, runs = search_runs(mlflow_client(shared), "packed")
+        assert len(runs) == 2
+        for run in runs:
+            tags = run.data.tags
+            assert tags["sdd_search.status"] == "completed", tags
+            assert tags["sys.gpu_ids"] == "0" and tags["sys.cuda_visible_devices"] == "0", tags
+            assert tags["sys.device"] == "cpu" and tags["sys.world_size"] == "1", tags
+            assert tags["sys.node_ip"] == gpu_node.node_ip_address, tags
+    finally:
+        cluster.remove_node(gpu_node)
+        cluster.wait_for_nodes()
+
+
 def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, capsys):
     """Kill the worker node under a training trial (its raylet and workers, not gracefully):
     the trial trains again on the other node from its last checkpoint; MLflow shows every
