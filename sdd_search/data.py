@@ -494,6 +494,19 @@ class _ShardSampler(torch.utils.data.Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
+def _host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``, without waiting for the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream: the loader would wait
+    for the training step in flight, and the GPU would then idle while the next batch is made.
+    From page-locked memory the copy is queued like a kernel (PyTorch keeps the pinned block
+    until the copy has run).
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _resize_weights(
     lengths: Tensor, scales: Tensor, starts: Tensor, size: int, span: int
 ) -> Tensor:
@@ -517,31 +530,44 @@ def _resize_weights(
 
 
 def _resize_chunk(
+    out: Tensor,
+    picks: list[int],
     images: list[Tensor],
     plan: Tensor,
     flips: Tensor,
-    size: int,
     span: tuple[int, int],
     dtype: torch.dtype,
-) -> Tensor:
-    """Resize one chunk of regions at once: uint8 ``n x C x size x size`` (see :func:`_resize_regions`).
+) -> None:
+    """Resize one chunk of regions at once into ``out[picks]`` (see :func:`_resize_regions`).
 
-    ``plan`` is float64 ``n x 8`` on the host: region (top, left, height, width), scales (rows,
-    columns) and starts (rows, columns). Every region is gathered into one ``n x C x Hc x Wc``
-    canvas (``span``), edge pixels repeated past its end; two batched matrix products with the
-    per-image filter matrices (zero past each region, mirrored where ``flips``) resize them all,
-    in ``dtype``.
+    ``images``, ``plan`` (float64 ``n x 8`` on the host: region top, left, height, width; scales
+    and starts, rows then columns) and ``flips`` are the chunk's. Every region is gathered into
+    one ``n x C x Hc x Wc`` canvas (``span``), edge pixels repeated past its end; two batched
+    matrix products with the per-image filter matrices (zero past each region, mirrored where
+    ``flips``) resize them all, in ``dtype``. The per-image numbers reach the device in one
+    asynchronous copy: nothing here waits for the GPU.
     """
     device = images[0].device
+    size = out.shape[-1]
     channels = images[0].shape[0]
     span_h, span_w = span
-    dims = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
+    dims = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.float64)
     planes = dims[:, 0] * dims[:, 1]
     offsets = torch.cumsum(planes * channels, 0) - planes * channels
-    region = plan[:, :4].to(torch.int64)
-    integers = torch.stack([offsets, planes, dims[:, 1], *region.unbind(1)], dim=1).to(device)
-    offset, plane, width, top, left, height, length = integers.unbind(1)
-    floats = plan[:, 4:].to(device)
+    # Every value is an integer below 2**53 or a float: one float64 table, one copy.
+    host = torch.cat(
+        [
+            torch.stack([offsets, planes, dims[:, 1]], dim=1),
+            plan,
+            flips.to(torch.float64)[:, None],
+            torch.tensor(picks, dtype=torch.float64)[:, None],
+        ],
+        dim=1,
+    )
+    table = _host_to_device(host, device)
+    offset, plane, width, top, left, height, length = table[:, :7].to(torch.int64).unbind(1)
+    scale_y, scale_x, start_y, start_x = table[:, 7:11].unbind(1)
+    mirrored, where = table[:, 11] > 0.5, table[:, 12].to(torch.int64)
     flat = torch.cat([image.reshape(-1) for image in images])  # one copy of the whole batch
     rows = torch.minimum(torch.arange(span_h, device=device), height[:, None] - 1) + top[:, None]
     cols = torch.minimum(torch.arange(span_w, device=device), length[:, None] - 1) + left[:, None]
@@ -552,11 +578,11 @@ def _resize_chunk(
         + cols[:, None, None, :]
     )
     canvas = flat[index].to(dtype)
-    weights_y = _resize_weights(height, floats[:, 0], floats[:, 2], size, span_h)
-    weights_x = _resize_weights(length, floats[:, 1], floats[:, 3], size, span_w)
-    weights_x = torch.where(flips.to(device)[:, None, None], weights_x.flip(1), weights_x)
+    weights_y = _resize_weights(height, scale_y, start_y, size, span_h)
+    weights_x = _resize_weights(length, scale_x, start_x, size, span_w)
+    weights_x = torch.where(mirrored[:, None, None], weights_x.flip(1), weights_x)
     resized = weights_y.to(dtype)[:, None] @ canvas @ weights_x.to(dtype).transpose(1, 2)[:, None]
-    return resized.float().round_().clamp_(0, 255).to(torch.uint8)
+    out.index_copy_(0, where, resized.float().round_().clamp_(0, 255).to(torch.uint8))
 
 
 def _resize_regions(
@@ -609,9 +635,9 @@ def _resize_regions(
                 break
             end, span_h, span_w = end + 1, grown_h, grown_w
         chunk = batched[start:end]
-        picks = torch.tensor(chunk, dtype=torch.int64)
-        out[picks.to(device)] = _resize_chunk(
-            [images[i] for i in chunk], plan[picks], flips[picks], size, (span_h, span_w), dtype
+        rows = torch.tensor(chunk, dtype=torch.int64)
+        _resize_chunk(
+            out, chunk, [images[i] for i in chunk], plan[rows], flips[rows], (span_h, span_w), dtype
         )
         start = end
     return out
@@ -758,7 +784,7 @@ class ImageFolderLoader:
                 raise DatasetError(
                     f"{self.name}: cannot decode {path} (expected a JPEG or PNG image): {error}"
                 ) from None
-            decoded[position] = image.to(self.device, non_blocking=True)
+            decoded[position] = _host_to_device(image, self.device)
         return decoded  # type: ignore[return-value]
 
     def _augment(self, images: list[Tensor], generator: torch.Generator) -> Tensor:

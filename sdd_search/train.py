@@ -503,7 +503,8 @@ def evaluate(
                 F.cross_entropy(logits, labels, reduction="sum"),
                 hits[:, 0].sum().float(),
                 hits.any(dim=1).sum().float(),
-                torch.tensor(float(labels.shape[0]), device=device),
+                # A fill on the device, not a host->device copy (which would sync every batch).
+                torch.full((), float(labels.shape[0]), device=device),
             ]
         )
     if distributed:
