@@ -84,7 +84,10 @@ def main() -> None:
     if device.type == "cuda":
         print("# GPU targets: >= 40,000 img/s at batch 512, >= 15,000 at batch 64 (fast mode),")
         print("#              SDD step time <= 1.03 x plain KD's")
-    values: dict[str, str | float] = {"device": device.type}
+    values: dict[str, str | float] = {
+        "device": device.type,
+        "compile_mode": args.compile_mode or "default",
+    }
 
     for batch in parse_ints(args.batch_sizes):
         print(f"\n## batch {batch}, {args.teacher} -> {args.student}, {args.image_size}px")
