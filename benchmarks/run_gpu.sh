@@ -32,9 +32,9 @@ run() {  # run <seconds> <script> [args...]; output to $out_dir/<script>[-<n>].t
 }
 
 run 170 bench_step --batch-sizes 64,512            # compiles the fast-path graphs (cold cache)
-run 60 bench_loss --batch-sizes 64,512             # same graphs: cache hits
+run 50 bench_loss --batch-sizes 64,512             # same graphs: cache hits
 run 90 bench_data --batch-size 512                 # 50,000 synthetic CIFAR-sized images
-run 110 bench_imagefolder --batch-size 256         # 2,048 JPEGs, resnet34 -> resnet18 at 224 px
+run 120 bench_imagefolder --batch-size 256         # 2,048 JPEGs, resnet34 -> resnet18 at 224 px
 # CUDA graphs (train.compile_mode: reduce-overhead) at the paper's batch, where launches dominate:
 run 80 bench_step --batch-sizes 64 --modes fast --compile-mode reduce-overhead
 run 80 bench_packing --batch-size 64 --repeats 2 --seconds 5

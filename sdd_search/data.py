@@ -669,7 +669,8 @@ class ImageFolderLoader:
     PNG files (some ImageNet "JPEG"s are) decode on the CPU. The resizes are torchvision's
     antialiased bilinear; with ``batched_resize`` (default: on CUDA) a batch's crops are resized
     together by a few batched matrix products (:func:`_resize_regions`) instead of one resize per
-    image, which would leave the GPU waiting on Python at ImageNet rates.
+    image, which would leave the GPU waiting on Python at ImageNet rates. With ``prefetch``
+    (default: on CUDA) a background thread makes batches ahead of the training loop.
 
     Yields float32 ``B x 3 x S x S`` normalised images and int64 labels on ``device``.
     """
@@ -691,6 +692,7 @@ class ImageFolderLoader:
         num_workers: int = 4,
         channels_last: bool = False,
         batched_resize: bool | None = None,
+        prefetch: bool | None = None,
         name: str = "imagefolder",
     ) -> None:
         if batch_size < 1:
@@ -711,6 +713,9 @@ class ImageFolderLoader:
         self.batched_resize = (
             self.device.type == "cuda" if batched_resize is None else batched_resize
         )
+        # On CUDA a background thread makes the next batches while the step runs (see
+        # _prefetched); on the CPU it would only take cores from the step.
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.epoch = 0
         self._paths = list(paths)
         self._dataset = _EncodedImageFiles(self._paths, labels)
@@ -834,6 +839,10 @@ class ImageFolderLoader:
         return torch.stack([one(i) for i in range(len(images))])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = self._batches()
+        return _prefetched(batches, self.device) if self.prefetch else batches
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Crop parameters must be host ints for slicing, so they come from a CPU generator.
         generator = _generator(
             torch.device("cpu"), _derive_seed(_AUGMENT_STREAM, self.seed, self.epoch, self.rank)
@@ -843,6 +852,74 @@ class ImageFolderLoader:
             batch = self._augment(images, generator) if self.train else self._center(images)
             images_out = _to_normalised_float(batch, self._scale, self._shift, self.channels_last)
             yield images_out, labels.to(self.device, non_blocking=True)
+
+
+_PREFETCH_DEPTH = 2  # batches made ahead of the one in use
+
+
+def _prefetched(
+    batches: Iterator[tuple[Tensor, Tensor]], device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``batches``, made by a background thread up to ``_PREFETCH_DEPTH`` batches ahead.
+
+    While the training thread launches a step, the next batches are decoded (nvjpeg's CPU stage
+    and the file bytes wait outside the GIL) and augmented. On CUDA the thread works on its own
+    stream; each batch comes with an event the consumer's stream waits on, and the batch's
+    tensors are marked as used by that stream so their memory is not reused early. Errors are
+    raised in the consumer; leaving the loop early stops the thread.
+    """
+    import queue
+    import threading
+    from contextlib import nullcontext
+
+    ready: queue.Queue = queue.Queue(maxsize=_PREFETCH_DEPTH)
+    stop = threading.Event()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    finished = object()
+
+    def hand_over(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                for images, labels in batches:
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not hand_over((images, labels, event)):
+                        return
+        except BaseException as error:  # noqa: BLE001 (re-raised in the consumer)
+            hand_over(error)
+            return
+        hand_over(finished)
+
+    thread = threading.Thread(target=produce, name="sdd-search-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            images, labels, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                images.record_stream(current)
+                labels.record_stream(current)
+            yield images, labels
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------

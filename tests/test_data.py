@@ -615,6 +615,50 @@ def test_imagefolder_batched_resize_matches_the_per_image_path(image_folder: Pat
         assert float((pixels_a - pixels_b).abs().max()) <= 1.01  # one grey level
 
 
+def _prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "sdd-search-prefetch" and t.is_alive()]
+
+
+def test_imagefolder_prefetch_thread_yields_the_same_batches_and_errors(image_folder: Path) -> None:
+    """The background batch maker (CUDA's default) changes nothing but when batches are made:
+    same batches in the same order, a bad file still raises its error in the training loop,
+    and leaving an epoch early stops the thread."""
+
+    def loaders(prefetch: bool) -> tuple[ImageFolderLoader, ImageFolderLoader]:
+        _, train, val = build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=3, device=CPU, image_size=32,
+            num_workers=1, seed=5,
+        )  # fmt: skip
+        assert not train.prefetch and not val.prefetch  # the CPU default
+        train.prefetch = val.prefetch = prefetch
+        return train, val
+
+    (plain_train, plain_val), (ahead_train, ahead_val) = loaders(False), loaders(True)
+    for epoch in (0, 1):
+        for plain, ahead in ((plain_train, ahead_train), (plain_val, ahead_val)):
+            plain.set_epoch(epoch)
+            ahead.set_epoch(epoch)
+            expected, got = list(plain), list(ahead)
+            assert len(got) == len(expected) == len(plain) > 1
+            for (images_a, labels_a), (images_b, labels_b) in zip(expected, got, strict=True):
+                assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    assert not _prefetch_threads()
+
+    batches = iter(ahead_train)
+    next(batches)
+    assert _prefetch_threads()  # making the next ones
+    batches.close()  # what leaving a for loop early does
+    assert not _prefetch_threads()
+
+    (image_folder / "val" / "ant" / "ant_broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    _, broken = loaders(True)
+    with pytest.raises(DatasetError, match="ant_broken.jpg"):
+        list(broken)
+    assert not _prefetch_threads()
+
+
 def test_imagefolder_missing_root_layout_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "train"))):
         dataset_info("imagefolder", str(tmp_path))
