@@ -839,15 +839,19 @@ class ImageFolderLoader:
         return torch.stack([one(i) for i in range(len(images))])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = self._batches()
+        # The file-reading workers start (or, persistent, restart their epoch) here, in the
+        # caller's thread: forked from the prefetch thread, a worker could inherit a lock that
+        # another thread held at that moment and hang when it exits.
+        files = iter(self._loader)
+        batches = self._batches(files)
         return _prefetched(batches, self.device) if self.prefetch else batches
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self, files: Iterator) -> Iterator[tuple[Tensor, Tensor]]:
         # Crop parameters must be host ints for slicing, so they come from a CPU generator.
         generator = _generator(
             torch.device("cpu"), _derive_seed(_AUGMENT_STREAM, self.seed, self.epoch, self.rank)
         )
-        for encoded, labels, indices in self._loader:
+        for encoded, labels, indices in files:
             images = self._decode(encoded, indices)
             batch = self._augment(images, generator) if self.train else self._center(images)
             images_out = _to_normalised_float(batch, self._scale, self._shift, self.channels_last)
@@ -909,7 +913,14 @@ def _prefetched(
             if item is finished:
                 return
             if isinstance(item, BaseException):
-                raise item
+                # Raised without keeping it in this frame: the exception's traceback holds this
+                # frame, and that cycle would keep the loader (and its worker processes) alive
+                # until a garbage collection, whose DataLoader shutdown waits 5 s per worker.
+                error, item = item, None
+                try:
+                    raise error
+                finally:
+                    del error
             images, labels, event = item
             if event is not None:
                 current = torch.cuda.current_stream(device)
@@ -920,6 +931,7 @@ def _prefetched(
     finally:
         stop.set()
         thread.join()
+        batches.close()  # an epoch left early: end its loader iteration here, not at collection
 
 
 # ----------------------------------------------------------------------------------------------
