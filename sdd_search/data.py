@@ -20,7 +20,8 @@ Two loaders behind the same small protocol (:class:`Loader`):
 - :class:`ImageFolderLoader` (imagefolder: ImageNet, CUB-200, the user's own folders): worker
   processes only read encoded file bytes; the main process decodes a whole batch at once with
   ``torchvision.io.decode_jpeg(..., device=device)`` (nvjpeg on CUDA), then random-resized-crops,
-  flips and normalises on the device (on CUDA the whole batch's crops in a few batched kernels).
+  flips and normalises on the device (on CUDA the whole batch's crops in a few batched kernels,
+  made ahead of the training loop by a background thread).
 
 Sharding: the epoch's permutation is a function of (seed, epoch) and identical on every rank;
 rank r takes every world_size-th element starting at r. Train shards drop the tail so all ranks
