@@ -873,9 +873,9 @@ def _prefetched(
     tensors are marked as used by that stream so their memory is not reused early. Errors are
     raised in the consumer; leaving the loop early stops the thread.
     """
+    import contextlib
     import queue
     import threading
-    from contextlib import nullcontext
 
     ready: queue.Queue = queue.Queue(maxsize=_PREFETCH_DEPTH)
     stop = threading.Event()
@@ -892,8 +892,12 @@ def _prefetched(
         return False
 
     def produce() -> None:
+        # A new thread starts on GPU 0: work (and pin memory) on the loader's GPU instead.
+        cuda = (torch.cuda.device(device), torch.cuda.stream(stream)) if stream is not None else ()
         try:
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            with contextlib.ExitStack() as context:
+                for manager in cuda:
+                    context.enter_context(manager)
                 for images, labels in batches:
                     event = None
                     if stream is not None:

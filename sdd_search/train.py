@@ -174,7 +174,8 @@ def resolve_device(train: TrainConfig, assigned: torch.device | None = None) -> 
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is cuda but torch sees no CUDA device")
         if assigned is not None and assigned.type == "cuda":
-            return assigned
+            index = torch.cuda.current_device() if assigned.index is None else assigned.index
+            return torch.device("cuda", index)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -306,6 +307,8 @@ def run_trial(
     rank = dist.get_rank() if distributed else 0
     world_size = dist.get_world_size() if distributed else 1
     device = resolve_device(train, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # implicit CUDA work (pinned memory, events) goes there too
     use_amp = _flag(train.amp, device)
     channels_last = _flag(train.channels_last, device)
     use_compile = _flag(train.compile, device)
