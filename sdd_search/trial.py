@@ -217,8 +217,13 @@ def train_worker(loop_config: dict) -> None:
             # Replay the epochs the checkpoint holds: a driver killed between Train saving a
             # checkpoint and Tune recording its result would otherwise lose those epochs (or,
             # for a finished trial, every result). The MLflow callback drops epochs it has.
-            for row in load_checkpoint(resume_from)["history"]:
-                ray.train.report({**row, "replayed": 1.0})
+            # The last replayed epoch names the checkpoint again (rank 0), so that a trial whose
+            # last result is a replay (ASHA can stop it there) still has a student to register.
+            history = load_checkpoint(resume_from)["history"]
+            rank0 = ray.train.get_context().get_world_rank() == 0
+            for number, row in enumerate(history, start=1):
+                again = checkpoint if rank0 and number == len(history) else None
+                ray.train.report({**row, "replayed": 1.0}, checkpoint=again)
         try:
             run_trial(
                 trial,
