@@ -24,10 +24,11 @@ from __future__ import annotations
 import statistics
 
 from common import (
+    add_fast_path_flags,
     base_parser,
     build_step,
     describe,
-    flag,
+    fast_path_flags,
     loader_fed_over_fixed,
     median_seconds,
     resolve,
@@ -78,9 +79,7 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--synthetic-size", type=int, default=None, help="training images")
-    parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    add_fast_path_flags(parser)
     parser.add_argument("--no-run-trial", action="store_true", help="skip measurement 4")
     args = parser.parse_args()
     device = resolve(
@@ -89,8 +88,7 @@ def main() -> None:
         cuda={"batch_size": 512, "synthetic_size": 50_000, "repeats": 5, "warmup": 1},
     )
     describe(args, device, "bench_data")
-    amp, channels_last = flag(args.amp, device), flag(args.channels_last, device)
-    compiled = flag(args.compile, device)
+    amp, channels_last, compiled = fast_path_flags(args, device)
     batch = args.batch_size
 
     _, loader, _ = build_datasets_and_loaders(

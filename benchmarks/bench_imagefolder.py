@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
+    add_fast_path_flags,
     base_parser,
     build_step,
     describe,
-    flag,
+    fast_path_flags,
     interleaved_seconds,
     loader_fed_over_fixed,
     median_ratio,
@@ -97,9 +98,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=None, help="training JPEGs to write")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="file-reading workers")
-    parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    add_fast_path_flags(parser)
     parser.add_argument("--no-step", action="store_true", help="skip measurement 4")
     parser.set_defaults(teacher=None, student=None, image_size=None, num_classes=CLASSES)
     args = parser.parse_args()
@@ -127,8 +126,7 @@ def main() -> None:
         },
     )
     describe(args, device, "bench_imagefolder")
-    amp, channels_last = flag(args.amp, device), flag(args.channels_last, device)
-    compiled = flag(args.compile, device)
+    amp, channels_last, compiled = fast_path_flags(args, device)
     batch = args.batch_size
 
     with tempfile.TemporaryDirectory(prefix="sdd-bench-jpegs-") as folder:

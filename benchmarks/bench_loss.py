@@ -17,12 +17,13 @@ import statistics
 
 import torch
 from common import (
+    add_fast_path_flags,
     base_parser,
     build_step,
     describe,
+    fast_path_flags,
     first_call_seconds,
     fixed_batch,
-    flag,
     interleaved_seconds,
     median_ratio,
     parse_ints,
@@ -57,9 +58,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma list; CPU 32, CUDA 64,512")
     parser.add_argument("--loss-iters", type=int, default=None, help="loss calls per repeat")
     parser.add_argument("--steps", type=int, default=None, help="training steps per repeat")
-    parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    add_fast_path_flags(parser)
     args = parser.parse_args()
     device = resolve(
         args,
@@ -67,8 +66,7 @@ def main() -> None:
         cuda={"batch_sizes": "64,512", "repeats": 9, "warmup": 3, "loss_iters": 200, "steps": 20},
     )
     describe(args, device, "bench_loss")
-    amp, channels_last = flag(args.amp, device), flag(args.channels_last, device)
-    compiled = flag(args.compile, device)
+    amp, channels_last, compiled = fast_path_flags(args, device)
     sdd_cells = num_cells((1, 2, 4))
     values: dict[str, str | float] = {"device": device.type}
 

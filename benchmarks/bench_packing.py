@@ -23,12 +23,13 @@ import time
 
 import torch
 from common import (
+    add_fast_path_flags,
     base_parser,
     build_step,
     describe,
+    fast_path_flags,
     first_call_seconds,
     fixed_batch,
-    flag,
     parse_ints,
     resolve,
     result,
@@ -119,9 +120,7 @@ def main() -> None:
     parser.add_argument("--trials", default="1,2,4", help="comma list of k")
     parser.add_argument("--seconds", type=float, default=None, help="timed window per repeat")
     parser.add_argument("--threads-per-process", type=int, default=1)
-    parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    add_fast_path_flags(parser)
     args = parser.parse_args()
     device = resolve(
         args,
@@ -138,9 +137,9 @@ def main() -> None:
         "num_classes": args.num_classes,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
-        "amp": flag(args.amp, device),
-        "channels_last": flag(args.channels_last, device),
-        "compile": flag(args.compile, device),
+        **dict(
+            zip(("amp", "channels_last", "compile"), fast_path_flags(args, device), strict=True)
+        ),
         "threads_per_process": args.threads_per_process,
         "warmup": args.warmup,
         "repeats": args.repeats,

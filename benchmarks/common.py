@@ -144,6 +144,17 @@ def flag(value: str, device: torch.device) -> bool:
     return value == "on" or (value == "auto" and device.type == "cuda")
 
 
+def add_fast_path_flags(parser: argparse.ArgumentParser) -> None:
+    """--amp, --channels-last, --compile: auto/on/off each (see :func:`fast_path_flags`)."""
+    for name in ("--amp", "--channels-last", "--compile"):
+        parser.add_argument(name, choices=["auto", "on", "off"], default="auto")
+
+
+def fast_path_flags(args: argparse.Namespace, device: torch.device) -> tuple[bool, bool, bool]:
+    """(amp, channels_last, compile) from the flags :func:`add_fast_path_flags` added."""
+    return flag(args.amp, device), flag(args.channels_last, device), flag(args.compile, device)
+
+
 @dataclass
 class Step:
     """One trial's training step, built as :func:`sdd_search.train.run_trial` builds it."""
