@@ -151,11 +151,11 @@ def _worker_facts(device) -> dict[str, str]:
     facts = {
         "worker/node_ip": ray.util.get_node_ip_address(),
         "worker/hostname": socket.gethostname(),
-        "worker/device": str(device) if device is not None else "cpu",
+        "worker/device": str(device),
         "worker/gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
         "worker/cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         facts["worker/gpu_name"] = torch.cuda.get_device_name(device)
     return facts
 
@@ -166,7 +166,13 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, load_checkpoint, run_trial
+    from sdd_search.train import (
+        CHECKPOINT_FILE,
+        NonFiniteLossError,
+        load_checkpoint,
+        resolve_device,
+        run_trial,
+    )
 
     imported = time.time()
 
@@ -176,7 +182,9 @@ def train_worker(loop_config: dict) -> None:
         state = ray.get(loop_config["teacher"]["ref"])
         teacher = teacher_from_state(trial, state, loop_config["num_classes"])
 
-    device = _assigned_device()
+    # The device run_trial will train on (Ray's GPU for this worker, if it has one), so the
+    # reported facts name it, not just what Ray assigned.
+    device = resolve_device(trial.train, _assigned_device())
     # Start-up timestamps and where it trains, sent once with the first epoch this process trains.
     timing: dict[str, Any] = {
         f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
