@@ -100,6 +100,7 @@ def main() -> None:
         channels_last=channels_last,
         synthetic_num_classes=args.num_classes,
         synthetic_size=args.synthetic_size,
+        stage="final",  # an epoch over all synthetic_size images (no selection split held out)
     )
     steps = len(loader)
     epochs = iter(range(1_000_000))

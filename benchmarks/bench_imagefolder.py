@@ -8,7 +8,7 @@ Writes ``--files`` real JPEGs of ImageNet-like sizes (sides 280-500 px, smooth c
    the device (nvjpeg on CUDA; a loop on the CPU), img/s on the same bytes.
 2. Resize: the train augmentation (random-resized-crop + flip) of decoded batches, image by image
    (``torchvision`` ``resized_crop`` per image: the CPU's path) against batched
-   (``sdd_search.data._resize_regions``: the CUDA path), taking turns: img/s, and the aten ops
+   (``sdd_search.data.gpu_resize.resize_regions``: the CUDA path), taking turns: img/s, and the aten ops
    and kernel launches dispatched per batch (profiler counts: the Python and driver work that
    keeps a GPU waiting when it grows with the batch).
 3. The loader alone: ``ImageFolderLoader`` epochs (workers read bytes; decode, augment and
@@ -143,6 +143,7 @@ def main() -> None:
             image_size=args.image_size,
             num_workers=args.workers,
             channels_last=channels_last,
+            stage="final",  # an epoch over every train/ file (no selection split held out)
         )
         steps = len(loader)
         epochs = iter(range(1_000_000))

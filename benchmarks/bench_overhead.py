@@ -7,7 +7,7 @@ and the overhead as a fraction of all trial time, plus the whole search's wall t
 
 It also prints the median seconds of each phase outside the loop (Tune actor start, Train
 controller and worker start, worker imports, teacher/data/model, checkpoints and reports,
-shutdown; see ``sdd_search.trial.PHASES``) and fits time-outside-the-loop = fixed + per_epoch *
+shutdown; see ``sdd_search.overhead.PHASES``) and fits time-outside-the-loop = fixed + per_epoch *
 epochs over the lengths run, which extrapolates the fraction to longer trials.
 
     python benchmarks/bench_overhead.py                       # epochs 2, 8 and 16, 4 trials each
@@ -17,7 +17,6 @@ epochs over the lengths run, which extrapolates the fraction to longer trials.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def main() -> None:
     parser.add_argument("--long-epoch-seconds", type=float, default=3.6)
     args = parser.parse_args()
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from sdd_search.ray_compat import apply_ray_env_defaults
+
+    apply_ray_env_defaults()  # run_search's own settings, before this script imports Ray
     import ray
 
     from sdd_search.search import run_search

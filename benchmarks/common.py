@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: device setup, timing, and the fused training step.
 
-Imports only torch, numpy and the Ray-free parts of sdd_search (sdd, models, data, train,
+Imports only torch, numpy and the Ray-free parts of sdd_search (sdd, models, data, step,
 config), so the scripts run on a bare GPU machine with torch + pydantic.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from sdd_search.config import DistillConfig, TrainConfig  # noqa: E402
 from sdd_search.models import create_model  # noqa: E402
-from sdd_search.train import DistillationStep, StudentWithCells  # noqa: E402
+from sdd_search.step import SUM_COLUMNS, DistillationStep, StudentWithCells  # noqa: E402
 
 # One process compiles many step variants (modes x batch sizes x methods): keep them all compiled
 # instead of falling back to eager after dynamo's default 8 recompiles.
@@ -221,7 +221,7 @@ def build_step(
         student_net,
         device,
         kd_scale=torch.full((), 1.0, device=device),
-        sums=torch.zeros(5, device=device),
+        sums=torch.zeros(len(SUM_COLUMNS), device=device),
         cuda_graphs=compile and device.type == "cuda" and compile_mode == "reduce-overhead",
     )
 

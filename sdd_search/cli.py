@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from sdd_search.spec import SpecError, default_spec_path, load_spec, resolved_plan
+from sdd_search.plan import resolved_plan
+from sdd_search.spec import SpecError, default_spec_path, load_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,17 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from sdd_search.search import SearchError, run_search
+    from sdd_search.leaderboard import format_leaderboard
+    from sdd_search.ray_compat import RayCompatError
+    from sdd_search.search import SearchError, run_search  # Ray's settings: run_search's own
     from sdd_search.teacher import TeacherError
 
     try:
         outcome = run_search(
             spec, resume=args.resume, address=args.address, spec_text=spec_path.read_text()
         )
-    except (SearchError, TeacherError) as error:
+    except (SearchError, TeacherError, RayCompatError) as error:
         print(f"sdd-search: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -74,13 +73,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    from sdd_search.search import format_leaderboard
-
     print()
+    epochs = spec.search_trial.train.epochs
     print(
-        f"Leaderboard ({spec.search.mode} {spec.search.metric}; [baseline] = no teacher, [kd] = plain KD):"
+        f"Leaderboard ({spec.search.mode} {spec.search.metric} on the selection split, held out "
+        f"from training; one seed each, {epochs}-epoch search schedule; "
+        "[baseline] = no teacher, [kd] = plain KD):"
     )
     print(format_leaderboard(outcome.leaderboard))
+    if outcome.final_report:
+        seeds = spec.final.seeds
+        print(
+            f"\nFinal stage ({spec.train.epochs} epochs on all the training data, {seeds} seeds "
+            "each, scored once on the test split at the last epoch):"
+        )
+        print(outcome.final_report)
     if outcome.best_student_path:
         print(f"\nbest student: {outcome.best_student_path}")
     for trial_id, version in outcome.registered:

@@ -43,6 +43,19 @@ class DataConfig(StrictModel):
     num_workers: int = Field(4, ge=0, description="file-reading workers (imagefolder only)")
     synthetic_num_classes: int = Field(10, ge=2)
     synthetic_size: int = Field(256, ge=8)
+    selection_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="share of the training data held out as the selection split; None = the "
+        "dataset's default (0.1 cifar/imagefolder, 0.2 digits/synthetic)",
+    )
+    stage: Literal["search", "final"] = Field(
+        "search",
+        description="search: train on train minus selection, evaluate on selection; final: "
+        "train on all training data (train + selection), evaluate on test. Set by sdd-search's "
+        "final stage, not by specs",
+    )
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:

@@ -28,30 +28,11 @@ from sdd_search.config import (
     TrialConfig,
     validate_scales,
 )
+from sdd_search.space import SEARCHABLE, is_integer_knob, proxy_trial
 
 
 class SpecError(ValueError):
     """A spec mistake; ``str(error)`` is the one-line message for the user."""
-
-
-# Searchable knobs -> the section of TrialConfig that holds them.
-SEARCHABLE: dict[str, str] = {
-    "scales": "distill",
-    "base": "distill",
-    "temperature": "distill",
-    "complementary_weight": "distill",
-    "dkd_alpha": "distill",
-    "dkd_beta": "distill",
-    "nkd_gamma": "distill",
-    "ce_weight": "distill",
-    "kd_weight": "distill",
-    "warmup_epochs": "distill",
-    "lr": "train",
-    "weight_decay": "train",
-    "momentum": "train",
-}
-# Knobs that only matter for one base loss: sampled only when that base is chosen.
-BASE_SPECIFIC = {"dkd_alpha": "dkd", "dkd_beta": "dkd", "nkd_gamma": "nkd"}
 
 
 class ParamSpace(StrictModel):
@@ -105,6 +86,26 @@ class SearchConfig(StrictModel):
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
     top_k: int = Field(3, ge=0, description="best students logged and registered in MLflow")
     references: bool = Field(True, description="also train a baseline and a plain-KD student")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="search fidelity: search trials (and their references) train this many "
+        "epochs, the recipe's milestones and warm-ups scaled to fit, so each completes a whole "
+        "short schedule; None = the full recipe (train.epochs)",
+    )
+
+
+class FinalConfig(StrictModel):
+    """The final stage: the best configurations by the search's selection metric and the
+    references, each retrained with the same seeds at the full recipe on all the training
+    data (train + selection), each scored once on the test split at its last epoch."""
+
+    top_k: int = Field(3, ge=1, description="configurations taken from the search, best first")
+    seeds: int = Field(3, ge=1, description="runs per configuration, seeds train.seed + 0, 1, ...")
+    references: bool = Field(
+        True, description="also the label-only baseline, plain KD and the spec's own SDD point"
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="None = search.max_concurrent")
 
 
 class TrackingConfig(StrictModel):
@@ -131,6 +132,7 @@ class Spec(BaseModel):
     search: SearchConfig = Field(default_factory=SearchConfig)
     space: dict[str, ParamSpace] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    final: FinalConfig | None = Field(None, description="the final stage; None = off")
     storage: str = Field("./sdd_runs", description="local folder or s3://bucket/prefix")
 
     @property
@@ -142,6 +144,17 @@ class Spec(BaseModel):
             distill=self.distill,
             train=self.train,
         )
+
+    @property
+    def search_trial(self) -> TrialConfig:
+        """The trial search trials start from: the spec's, at the search's fidelity."""
+        return proxy_trial(self.trial, self.search.epochs)
+
+    @property
+    def final_trial(self) -> TrialConfig:
+        """The trial final-stage runs start from: the full recipe, all the training data."""
+        trial = self.trial
+        return trial.model_copy(update={"data": trial.data.model_copy(update={"stage": "final"})})
 
     @property
     def experiment_name(self) -> str:
@@ -159,6 +172,28 @@ class Spec(BaseModel):
 
     def experiment_path(self) -> str:
         return f"{self.storage_uri().rstrip('/')}/{self.name}"
+
+    @model_validator(mode="after")
+    def _normalise(self) -> Spec:
+        """Settle what a spec implies, once, as it is built (the checks never change a spec):
+        no more trials at once than trials; a knob whose field is an int samples whole numbers.
+        New section objects are assigned, so a section passed in by a caller stays as it was."""
+        if self.search.max_concurrent > self.search.num_trials:
+            self.search = self.search.model_copy(update={"max_concurrent": self.search.num_trials})
+        integer = {
+            knob
+            for knob, space in self.space.items()
+            if knob in SEARCHABLE
+            and knob not in ("scales", "base")
+            and space.type != "int"
+            and is_integer_knob(knob)
+        }
+        if integer:  # e.g. warmup_epochs: sample whole numbers only
+            self.space = {
+                knob: space.model_copy(update={"type": "int"}) if knob in integer else space
+                for knob, space in self.space.items()
+            }
+        return self
 
 
 def _describe_error(error: dict) -> str:
@@ -269,8 +304,25 @@ def default_spec_path() -> Path:
     return Path(__file__).parent / "default_spec.yaml"
 
 
+def _check_schedule(spec: Spec, fail) -> None:
+    """The search's schedule fits the recipe; the data stage is the tool's, not the spec's."""
+    search_epochs = spec.search_trial.train.epochs
+    if spec.search.epochs is not None and spec.search.epochs > spec.train.epochs:
+        fail("search.epochs", f"must be <= train.epochs ({spec.train.epochs})")
+    if spec.search.scheduler == "asha" and spec.search.grace_period > search_epochs:
+        which = "search.epochs" if spec.search.epochs is not None else "train.epochs"
+        fail("search.grace_period", f"must be <= {which} ({search_epochs})")
+    if spec.data.stage != "search":
+        fail("data.stage", "is set by the final stage; leave it out of specs")
+
+
 def _check_semantics(spec: Spec, source: str) -> None:
-    """Cross-field checks pydantic cannot express; all run before any trial starts."""
+    """Cross-field checks pydantic cannot express; all run before any trial starts.
+
+    Pure: raises SpecError (``source`` names the file) or returns, never changes ``spec``.
+    """
+
+    from sdd_search.models import model_name_problem  # here: torch only once a spec is checked
 
     def fail(field: str, message: str) -> None:
         raise SpecError(f"{source}: {field}: {message}")
@@ -309,10 +361,7 @@ def _check_semantics(spec: Spec, source: str) -> None:
             "search.metric",
             f"expected one of {', '.join(sorted(METRICS))}, got {spec.search.metric!r}",
         )
-    if spec.search.scheduler == "asha" and spec.search.grace_period > spec.train.epochs:
-        fail("search.grace_period", f"must be <= train.epochs ({spec.train.epochs})")
-    if spec.search.max_concurrent > spec.search.num_trials:
-        spec.search.max_concurrent = spec.search.num_trials
+    _check_schedule(spec, fail)
     for knob, space in spec.space.items():
         field = f"space.{knob}"
         if knob not in SEARCHABLE:
@@ -335,8 +384,6 @@ def _check_semantics(spec: Spec, source: str) -> None:
                 fail(field, f"expected choices among {list(BASE_LOSSES)}, got {bad[0]!r}")
         else:
             section = getattr(spec, SEARCHABLE[knob])
-            if type(section).model_fields[knob].annotation is int:
-                space.type = "int"  # e.g. warmup_epochs: sample whole numbers only
             values = space.choices if space.choices is not None else [space.low, space.high]
             for value in values:
                 try:
@@ -349,30 +396,6 @@ def _check_semantics(spec: Spec, source: str) -> None:
         fail("resources.gpus_per_worker", "above 1 it must be a whole number")
 
 
-def model_name_problem(name: str) -> str | None:
-    """None if ``name`` is a known model, else what is wrong with it (with close matches)."""
-    import difflib
-
-    import torchvision
-
-    from sdd_search.models import list_models
-
-    if name.startswith("torchvision/"):
-        known = torchvision.models.list_models(module=torchvision.models)
-        short = name.removeprefix("torchvision/")
-        if short in known:
-            return None
-        close = difflib.get_close_matches(short, known, n=3)
-        hint = f"; did you mean {', '.join('torchvision/' + c for c in close)}?" if close else ""
-        return f"unknown torchvision model {short!r}{hint}"
-    known = list_models()
-    if name in known:
-        return None
-    close = difflib.get_close_matches(name, known + ["torchvision/" + name], n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown model {name!r}{hint} (sdd_search.models.list_models() lists them)"
-
-
 METRICS = {
     "val_top1",
     "val_top5",
@@ -382,38 +405,3 @@ METRICS = {
     "train_top1",
 }
 
-
-def resolved_plan(spec: Spec) -> str:
-    """A human-readable summary printed by ``--check`` and at the start of a search."""
-    lines = [
-        f"search      {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at once, "
-        f"{spec.search.sampler.upper()} sampler (seed {spec.search.seed}), "
-        f"scheduler {spec.search.scheduler}, {spec.search.mode} {spec.search.metric}",
-        f"data        {spec.data.dataset}" + (f" at {spec.data.root}" if spec.data.root else ""),
-        f"teacher     {spec.teacher.model} ({spec.teacher.source}"
-        + (f": {spec.teacher.checkpoint}" if spec.teacher.checkpoint else "")
-        + ")",
-        f"student     {spec.student.model}",
-        f"distill     {spec.distill.method} base={spec.distill.base} scales={spec.distill.scales} "
-        f"T={spec.distill.temperature} complementary={spec.distill.complementary_weight} "
-        f"ce={spec.distill.ce_weight} kd={spec.distill.kd_weight}",
-        f"train       {spec.train.epochs} epochs, batch {spec.train.batch_size}, lr {spec.train.lr}, "
-        f"wd {spec.train.weight_decay}, {spec.train.schedule}",
-        f"resources   {spec.resources.workers} worker(s) x ({spec.resources.cpus_per_worker} CPU, "
-        f"{spec.resources.gpus_per_worker} GPU) per trial",
-        "space:",
-    ]
-    for knob, space in spec.space.items():
-        if space.choices is not None:
-            lines.append(f"  {knob:<22} choice {space.choices}")
-        else:
-            kind = "log-" if space.log else ""
-            lines.append(f"  {knob:<22} {kind}{space.type} [{space.low}, {space.high}]")
-    if not spec.space:
-        lines.append("  (empty: every trial uses the spec's own values)")
-    lines += [
-        f"tracking    {spec.tracking.uri} experiment {spec.experiment_name!r}, "
-        f"top {spec.search.top_k} registered as {spec.registered_model_name!r}",
-        f"storage     {spec.experiment_path()}",
-    ]
-    return "\n".join(lines)

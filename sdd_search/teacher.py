@@ -2,6 +2,10 @@
 
 Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``). A teacher whose
 number of classes differs from the dataset's is a :class:`TeacherError` with a one-line message.
+A script needs one call: ``run_trial(config, teacher=teacher_for(config))``.
+
+This module imports :mod:`sdd_search.train` (a teacher is trained by ``run_trial``), never the
+other way round: run_trial takes its teacher as an argument.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdd_search.checkpoint import atomic_save
 from sdd_search.config import TeacherConfig, TrialConfig
+from sdd_search.data import dataset_info
 from sdd_search.models import create_model
+from sdd_search.train import run_trial
 
 CHECKPOINT_FORMAT = "sdd-search/model-v1"
 
@@ -36,17 +43,13 @@ def save_model_file(
     path: str | os.PathLike, model: nn.Module, model_name: str, num_classes: int
 ) -> None:
     """Write a model in our checkpoint format (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_name": model_name,
         "num_classes": num_classes,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save(payload, path)
 
 
 def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +107,8 @@ def teacher_cache_key(config: TrialConfig) -> str:
     teacher_train = config.teacher.train or config.train
     content = {
         "model": config.teacher.model,
-        "data": config.data.model_dump(exclude={"root", "download", "num_workers"}),
+        # The stage is left out: a teacher always trains on the search stage's split.
+        "data": config.data.model_dump(exclude={"root", "download", "num_workers", "stage"}),
         "data_root": str(Path(config.data.root).expanduser().resolve())
         if config.data.root
         else None,
@@ -143,11 +147,11 @@ def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
     if path.is_file():
         log(f"teacher: cached {config.teacher.model} at {path}")
         return path
-    from sdd_search.train import run_trial  # import here: train imports this module
-
     teacher_train = config.teacher.train or config.train
     teacher_config = config.model_copy(
         update={
+            # Train minus selection, scored on selection: the teacher never sees the test split.
+            "data": config.data.model_copy(update={"stage": "search"}),
             "student": config.student.model_copy(update={"model": config.teacher.model}),
             "distill": config.distill.model_copy(update={"method": "none"}),
             "train": teacher_train,
@@ -158,7 +162,7 @@ def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
     )
     result = run_trial(teacher_config, teacher=None, log=log)
     save_model_file(path, result.model, config.teacher.model, result.num_classes)
-    log(f"teacher: val top-1 {result.best['val_top1']:.2f}% -> {path}")
+    log(f"teacher: selection top-1 {result.best['val_top1']:.2f}% (best epoch) -> {path}")
     return path
 
 
@@ -184,3 +188,21 @@ def load_teacher(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def teacher_for(config: TrialConfig, *, log=print) -> nn.Module | None:
+    """The frozen teacher ``run_trial(config, teacher=...)`` needs, on the CPU: None when
+    ``distill.method`` is "none" (labels only); otherwise :func:`ensure_teacher` (training and
+    caching it once if its source is "train"), then :func:`load_teacher`. ``log`` gets a line
+    when the teacher is trained or found in the cache."""
+    if config.distill.method == "none":
+        return None
+    data = config.data
+    info = dataset_info(
+        data.dataset,
+        data.root,
+        data.image_size,
+        synthetic_num_classes=data.synthetic_num_classes,
+        synthetic_size=data.synthetic_size,
+    )
+    return load_teacher(config.teacher, info.num_classes, ensure_teacher(config, log=log))

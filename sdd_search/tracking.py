@@ -25,6 +25,14 @@ TAG_ROLE = "sdd_search.role"  # parent | trial | reference
 TAG_TRIAL = "sdd_search.trial_id"
 TAG_STATUS = "sdd_search.status"
 TAG_REASON = "sdd_search.reason"
+# A final-stage run: its configuration ("finalist-1", "kd", ...), that one's role, the seed,
+# the search trial it came from and that trial's selection score (search metric).
+TAG_FINAL_ENTRY = "sdd_search.final_entry"
+TAG_FINAL_ROLE = "sdd_search.final_role"
+TAG_SEED = "sdd_search.seed"
+TAG_SOURCE_TRIAL = "sdd_search.source_trial"
+TAG_SELECTION_SCORE = "sdd_search.selection_score"
+TAG_REGISTERED = "sdd_search.registered"  # parent: JSON [[trial id, version], ...] once done
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -69,14 +77,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class LogitsOnly(torch.nn.Module):
-    """Serving wrapper: images (B x 3 x H x W, normalised float32) -> logits (B x K)."""
+    """Serving wrapper: images (B x 3 x H x W, normalised float32) -> logits (B x K).
+
+    A DistillModel already returns logits alone; the wrapper stays so registered models keep
+    one pickled class and a plain ``nn.Module`` interface.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)[0]
+        return self.model(images)
 
 
 class SearchTracker:
@@ -139,14 +151,26 @@ class SearchTracker:
                 self._trial_runs[trial_id] = run.info.run_id
         return run_id
 
+    def parent_tag(self, key: str) -> str | None:
+        """A tag of the parent run (None when unset)."""
+        return self.client.get_run(self.parent_run_id).data.tags.get(key)
+
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status=status)
 
     # -- trials ---------------------------------------------------------------------------
 
-    def trial_run(self, trial_id: str, run_name: str, role: str, params: dict[str, Any]) -> str:
-        """The child run of a trial: created once, found again on resume."""
+    def trial_run(
+        self,
+        trial_id: str,
+        run_name: str,
+        role: str,
+        params: dict[str, Any],
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """The child run of a trial: created once (with ``tags`` besides the role's), found
+        again on resume."""
         run_id = self._trial_runs.get(trial_id)
         if run_id is not None:
             if self.client.get_run(run_id).info.status != "RUNNING":
@@ -160,6 +184,7 @@ class SearchTracker:
                 TAG_ROLE: role,
                 TAG_TRIAL: trial_id,
                 TAG_SEARCH: self.search_id,
+                **(tags or {}),
             },
         )
         run_id = run.info.run_id

@@ -4,6 +4,10 @@ No Ray in here. :func:`run_trial` is plain PyTorch; the search hands it a ``repo
 that forwards metrics and checkpoints to Ray Train. Under ``torch.distributed`` (Ray Train's
 workers, or ``torchrun``) the student is wrapped in DDP, each rank trains on its own shard and
 the evaluation counts are summed across ranks.
+
+The teacher is an argument: :func:`sdd_search.teacher.teacher_for` loads (or trains once and
+caches) the one a configuration names. The fused step is :mod:`sdd_search.step`, checkpoint
+files :mod:`sdd_search.checkpoint`, the loop's extension points :mod:`sdd_search.callbacks`.
 """
 
 from __future__ import annotations
@@ -11,56 +15,65 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from sdd_search.callbacks import EPOCH_CALLBACKS, TrialCallback
+from sdd_search.checkpoint import (
+    CHECKPOINT_FILE,
+    TRIAL_CHECKPOINT_FORMAT,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from sdd_search.config import DistillConfig, TrainConfig, TrialConfig
 from sdd_search.data import build_datasets_and_loaders
 from sdd_search.models import create_model
-from sdd_search.sdd import cell_logits, sdd_loss, warmup_factor
+from sdd_search.sdd import warmup_factor
+from sdd_search.step import (
+    SUM_COLUMNS,
+    DistillationStep,
+    StudentWithCells,
+    compiled_or_eager,
+    named_sums,
+)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = [  # run_trial and what its callers use, wherever it lives
+    "CHECKPOINT_FILE",
+    "EPOCH_CALLBACKS",
+    "DistillationStep",
+    "NonFiniteLossError",
+    "StudentWithCells",
+    "TrialCallback",
+    "TrialResult",
+    "compiled_or_eager",
+    "evaluate",
+    "load_checkpoint",
+    "resolve_device",
+    "run_trial",
+]
 
 # report(metrics, write_checkpoint): write_checkpoint(directory) saves the full training state
 # into that directory; it is None on ranks other than 0.
 ReportFn = Callable[[dict[str, float], Callable[[Path], None] | None], None]
 
+# The columns of evaluate's sums: summed cross-entropy, top-1 hits, top-5 hits, images.
+EVAL_SUM_COLUMNS = ("loss", "top1", "top5", "seen")
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot continue."""
-
-
-# Fault injection for tests (tests/test_faults.py): SDD_SEARCH_FAIL_AT_EPOCH="EPOCH" makes
-# run_trial raise RuntimeError as it starts that epoch (1-based); "EPOCH:FIELD=VALUE" only in runs
-# whose TrialConfig field (dotted, e.g. train.lr) has str(value) == VALUE. Unset: no effect.
-FAIL_AT_EPOCH_ENV = "SDD_SEARCH_FAIL_AT_EPOCH"
-
-
-def _injected_failure(config: TrialConfig, epoch: int) -> None:
-    rule = os.environ.get(FAIL_AT_EPOCH_ENV, "").strip()
-    if not rule:
-        return
-    at, _, condition = rule.partition(":")
-    if int(at) != epoch:
-        return
-    if condition:
-        field_name, _, expected = condition.partition("=")
-        value = config.model_dump(mode="json")
-        for part in field_name.strip().split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if str(value) != expected.strip():
-            return
-    raise RuntimeError(f"{FAIL_AT_EPOCH_ENV}={rule}: injected failure at epoch {epoch}")
 
 
 @dataclass
@@ -69,98 +82,8 @@ class TrialResult:
 
     model: nn.Module  # the student (unwrapped, on the CPU, eval mode)
     num_classes: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    best: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def final(self) -> dict[str, float]:
-        return self.history[-1] if self.history else {}
-
-
-class StudentWithCells(nn.Module):
-    """Student forward that returns (global logits, cell logits) so DDP/compile see one module."""
-
-    def __init__(self, model: nn.Module, scales: tuple[int, ...]):
-        super().__init__()
-        self.model = model
-        self.scales = scales
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.model.forward_features(images)
-        cells = cell_logits(features, self.model.get_classifier(), self.scales)
-        return cells[:, 0], cells  # cell 0 is the global average-pooled logits
-
-
-class DistillationStep(nn.Module):
-    """One training batch's whole forward, fused so ``torch.compile`` sees a single graph.
-
-    Computes the teacher's cell logits (no grad), the student's (logits, cells), the CE, L_sdd
-    and the objective ``ce_weight * CE + kd_scale * L_sdd`` (CE alone when ``teacher_net`` is
-    None, i.e. method "none"). ``student_net`` is a :class:`StudentWithCells`, DDP-wrapped under
-    ``torch.distributed``; ``teacher_net`` a :class:`StudentWithCells` around the frozen teacher.
-
-    ``forward(images, labels, kd_scale)`` takes ``kd_scale`` (kd_weight * warm-up) as a 0-dim
-    float32 tensor on the device and returns ``(loss, sums)``: the scalar loss to backpropagate
-    and float32 ``[loss * B, ce * B, kd * B, correct, B]`` for the epoch's running totals.
-    """
-
-    def __init__(
-        self,
-        student_net: nn.Module,
-        teacher_net: nn.Module | None,
-        distill: DistillConfig,
-        *,
-        amp: bool = False,
-    ) -> None:
-        super().__init__()
-        self.student_net = student_net
-        self.teacher_net = teacher_net
-        self.amp = amp
-        self.ce_weight = float(distill.ce_weight)
-        # Plain Python constants (not the pydantic object): the compiled graph bakes them in.
-        self.loss_options = {
-            "base": distill.base,
-            "temperature": float(distill.temperature),
-            "complementary_weight": float(distill.complementary_weight),
-            "dkd_alpha": float(distill.dkd_alpha),
-            "dkd_beta": float(distill.dkd_beta),
-            "nkd_gamma": float(distill.nkd_gamma),
-        }
-
-    def train(self, mode: bool = True) -> DistillationStep:
-        super().train(mode)
-        if self.teacher_net is not None:
-            self.teacher_net.eval()  # frozen teacher: BN keeps using its running statistics
-        return self
-
-    def forward(self, images: Tensor, labels: Tensor, kd_scale: Tensor) -> tuple[Tensor, Tensor]:
-        # bf16 keeps fp32's range: no loss scaler needed.
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, cells = self.student_net(images)
-            if self.teacher_net is not None:
-                with torch.no_grad():
-                    teacher_cells = self.teacher_net(images)[1]
-        ce_loss = F.cross_entropy(logits.float(), labels)
-        if self.teacher_net is None:
-            kd_loss = torch.zeros_like(ce_loss)
-            loss = ce_loss
-        else:
-            kd_loss = sdd_loss(cells, teacher_cells, labels, **self.loss_options)
-            loss = self.ce_weight * ce_loss + kd_scale * kd_loss
-        batch = labels.shape[0]
-        correct = (logits.detach().argmax(1) == labels).sum().float()
-        # The batch size is made on the device (a fill, not a host->device copy that would sync).
-        seen = torch.full_like(correct, float(batch))
-        sums = torch.stack(
-            [
-                loss.detach() * batch,
-                ce_loss.detach() * batch,
-                kd_loss.detach() * batch,
-                correct,
-                seen,
-            ]
-        )
-        return loss, sums
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics row per epoch
+    best: dict[str, float] = field(default_factory=dict)  # val_top1 (percent) and its epoch
 
 
 def resolve_device(train: TrainConfig, assigned: torch.device | None = None) -> torch.device:
@@ -179,36 +102,6 @@ def resolve_device(train: TrainConfig, assigned: torch.device | None = None) -> 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def compiled_or_eager(step: nn.Module, compile_fn: Callable[[nn.Module], Callable]) -> Callable:
-    """``compile_fn(step)``, falling back to the eager ``step`` if the compiler cannot build it.
-
-    A node without a working compiler toolchain (no C compiler for inductor, no Triton) makes
-    the first compiled call raise; the trial then trains eagerly, slower but correct, with a
-    warning, instead of failing. Errors of the step itself are raised as ever.
-    """
-    import warnings
-
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    run = compile_fn(step)
-
-    def call(*args):
-        nonlocal run
-        try:
-            return run(*args)
-        except BackendCompilerFailed as error:  # never raised by the eager step
-            warnings.warn(
-                f"torch.compile could not build the training step ({str(error).splitlines()[0]});"
-                " training eagerly (set train.compile: off to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            run = step
-            return step(*args)
-
-    return call
 
 
 def _flag(value: str, device: torch.device) -> bool:
@@ -231,47 +124,157 @@ def _lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`run_trial` (a directory or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    # The RNG states hold numpy arrays and tuples; still no arbitrary classes are unpickled.
-    with torch.serialization.safe_globals(_SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+# --------------------------------------------------------------------------------------------
+# Set-up, in the order run_trial calls it
 
 
-_SAFE_GLOBALS = [
-    np.core.multiarray._reconstruct if hasattr(np, "core") else np._core.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.uint32)),
-]
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process trains."""
+
+    device: torch.device
+    distributed: bool  # under torch.distributed (DDP, sums all-reduced over ranks)
+    rank: int  # 0 when not distributed
+    world_size: int  # processes training this trial together
+    amp: bool  # bf16 autocast
+    channels_last: bool  # model and batches in channels_last memory format
+    compile: bool  # torch.compile the fused step
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> torch.autocast | None:
+        """bf16 autocast where amp is on (bf16 keeps fp32's range: no loss scaler), else None."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else None
+
+
+def _runtime(train: TrainConfig, assigned: torch.device | None) -> Runtime:
+    """Set this process up (threads, its GPU, seeds); where and how it trains.
+
+    ``assigned`` is the device a scheduler gave this process (see :func:`resolve_device`).
+    """
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    distributed = dist.is_available() and dist.is_initialized()
+    device = resolve_device(train, assigned)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # implicit CUDA work (pinned memory, events) goes there too
+    _seed_everything(train.seed)
+    return Runtime(
+        device=device,
+        distributed=distributed,
+        rank=dist.get_rank() if distributed else 0,
+        world_size=dist.get_world_size() if distributed else 1,
+        amp=_flag(train.amp, device),
+        channels_last=_flag(train.channels_last, device),
+        compile=_flag(train.compile, device),
+    )
+
+
+def _loaders(config: TrialConfig, runtime: Runtime):
+    """(dataset info, this rank's shard of the training set, the validation loader)."""
+    data, train = config.data, config.train
+    return build_datasets_and_loaders(
+        data.dataset,
+        root=data.root,
+        batch_size=train.batch_size,
+        eval_batch_size=train.eval_batch_size,
+        device=runtime.device,
+        seed=train.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        download=data.download,
+        image_size=data.image_size,
+        num_workers=data.num_workers,
+        channels_last=runtime.channels_last,
+        synthetic_num_classes=data.synthetic_num_classes,
+        synthetic_size=data.synthetic_size,
+        stage=data.stage,
+        selection_fraction=data.selection_fraction,
+    )
+
+
+def _teacher_on_device(
+    config: TrialConfig, teacher: nn.Module | None, runtime: Runtime
+) -> nn.Module | None:
+    """The frozen teacher on this process's device; None when training on labels only."""
+    if config.distill.method != "sdd":
+        return None
+    if teacher is None:
+        raise ValueError(
+            'distill.method "sdd" needs a teacher: '
+            "run_trial(config, teacher=sdd_search.teacher.teacher_for(config))"
+        )
+    return teacher.to(runtime.device, memory_format=runtime.memory_format).eval()
+
+
+def _student_and_optimiser(config: TrialConfig, num_classes: int, runtime: Runtime):
+    """(student on the device, its SGD optimiser, the lr schedule stepped once per epoch)."""
+    train = config.train
+    pretrained = {"pretrained": True} if config.student.pretrained else {}
+    student = create_model(config.student.model, num_classes=num_classes, **pretrained)
+    student = student.to(runtime.device, memory_format=runtime.memory_format)
+    optimizer = torch.optim.SGD(
+        student.parameters(),
+        lr=train.lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        nesterov=train.nesterov and train.momentum > 0,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
+    return student, optimizer, scheduler
+
+
+def _restore(
+    resume_from: str | os.PathLike | None, student: nn.Module, optimizer, scheduler
+) -> tuple[int, list[dict[str, float]]]:
+    """Load a checkpoint's state into the run: (epochs it completed, their metrics rows)."""
+    if resume_from is None:
+        return 0, []
+    state = load_checkpoint(resume_from)
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def _compiled_step(
+    config: TrialConfig, teacher: nn.Module | None, student: nn.Module, runtime: Runtime
+) -> tuple[nn.Module, Callable, bool]:
+    """(the student's train-mode net, DDP-wrapped when distributed; the fused step to call on
+    each batch, compiled where asked; whether that step runs as CUDA graphs)."""
+    distill, train = config.distill, config.train
+    scales = tuple(distill.scales)
+    teacher_net = StudentWithCells(teacher, scales).eval() if teacher is not None else None
+    student_net: nn.Module = StudentWithCells(student, scales)
+    if runtime.distributed:  # after the restore: DDP broadcasts rank 0's weights as it wraps
+        ddp_kwargs = {"device_ids": [runtime.device.index]} if runtime.device.type == "cuda" else {}
+        student_net = nn.parallel.DistributedDataParallel(student_net, **ddp_kwargs)
+    # The fused step calls the DDP-wrapped student, so DDP still sees (and all-reduces) it.
+    step = DistillationStep(student_net, teacher_net, distill, amp=runtime.amp)
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune convs once
+    if not runtime.compile:
+        return student_net, step, False
+    # One graph for teacher + student + losses; dynamic=False is safe because the train loader
+    # drops the last partial batch (static shapes; evaluation, with its partial batch, stays eager).
+    step_fn = compiled_or_eager(
+        step, lambda m: torch.compile(m, dynamic=False, mode=train.compile_mode)
+    )
+    cuda_graphs = runtime.device.type == "cuda" and train.compile_mode == "reduce-overhead"
+    return student_net, step_fn, cuda_graphs
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
 
 
 def run_trial(
@@ -283,141 +286,47 @@ def run_trial(
     checkpoint_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
     device: torch.device | None = None,
+    callbacks: Sequence[TrialCallback] = (),
 ) -> TrialResult:
-    """Train ``config.student`` on ``config.data`` with ce + warmup * SDD, evaluating each epoch.
+    """Train ``config.student`` on ``config.data`` with ce + warmup * SDD, evaluating each epoch;
+    return the trained student and the per-epoch metrics.
 
     Args:
         config: the run. ``distill.method == "none"`` trains on labels only (no teacher).
-        teacher: the teacher network (eval mode, frozen). None with method "sdd" loads it via
-            :mod:`sdd_search.teacher` (training and caching it first if its source is "train").
+        teacher: the frozen teacher network, required with method "sdd" (ignored with "none"):
+            :func:`sdd_search.teacher.teacher_for` gives the one ``config.teacher`` names.
         report: called after every epoch with the metrics and a checkpoint writer (rank 0).
         resume_from: a checkpoint file or directory; training continues from its epoch exactly
             (model, optimiser, schedule, RNG state and data order).
         checkpoint_dir: without ``report``, save ``checkpoint.pt`` here after every epoch.
         log: one line per epoch (rank 0), e.g. ``print``.
-        device: the GPU a scheduler assigned this process (see :func:`resolve_device`); used
-            when ``train.device`` resolves to CUDA.
-
-    Returns the trained student and the per-epoch metrics.
+        device: the GPU a scheduler assigned this process, used if ``train.device`` is CUDA.
+        callbacks: hooks called at each epoch's start, before those in ``EPOCH_CALLBACKS``.
     """
-    train = config.train
-    if train.num_threads:
-        torch.set_num_threads(train.num_threads)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    world_size = dist.get_world_size() if distributed else 1
-    device = resolve_device(train, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # implicit CUDA work (pinned memory, events) goes there too
-    use_amp = _flag(train.amp, device)
-    channels_last = _flag(train.channels_last, device)
-    use_compile = _flag(train.compile, device)
-    _seed_everything(train.seed)
+    train, distill = config.train, config.distill
+    runtime = _runtime(train, device)
+    info, train_loader, val_loader = _loaders(config, runtime)
+    teacher = _teacher_on_device(config, teacher, runtime)
+    student, optimizer, scheduler = _student_and_optimiser(config, info.num_classes, runtime)
+    start_epoch, history = _restore(resume_from, student, optimizer, scheduler)
+    student_net, step_fn, cuda_graphs = _compiled_step(config, teacher, student, runtime)
+    save_state = _checkpoint_saver(config, info.num_classes, history, student, optimizer, scheduler)
+    autocast = runtime.autocast()  # for evaluation
 
-    info, train_loader, val_loader = build_datasets_and_loaders(
-        config.data.dataset,
-        root=config.data.root,
-        batch_size=train.batch_size,
-        eval_batch_size=train.eval_batch_size,
-        device=device,
-        seed=train.seed,
-        rank=rank,
-        world_size=world_size,
-        download=config.data.download,
-        image_size=config.data.image_size,
-        num_workers=config.data.num_workers,
-        channels_last=channels_last,
-        synthetic_num_classes=config.data.synthetic_num_classes,
-        synthetic_size=config.data.synthetic_size,
-    )
-    distill = config.distill
-    distilling = distill.method == "sdd"
-    if distilling and teacher is None:
-        from sdd_search.teacher import ensure_teacher, load_teacher
-
-        teacher = load_teacher(config.teacher, info.num_classes, ensure_teacher(config))
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if distilling:
-        teacher = teacher.to(device, memory_format=memory_format).eval()
-        teacher_cells_net = StudentWithCells(teacher, tuple(distill.scales)).eval()
-
-    pretrained = {"pretrained": True} if config.student.pretrained else {}
-    student = create_model(config.student.model, num_classes=info.num_classes, **pretrained)
-    student = student.to(device, memory_format=memory_format)
-    student_net: nn.Module = StudentWithCells(student, tuple(distill.scales))
-    optimizer = torch.optim.SGD(
-        student.parameters(),
-        lr=train.lr,
-        momentum=train.momentum,
-        weight_decay=train.weight_decay,
-        nesterov=train.nesterov and train.momentum > 0,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
-
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"])
-        history = list(state["history"])
-
-    if distributed:
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        student_net = nn.parallel.DistributedDataParallel(student_net, **ddp_kwargs)
-    # The fused step calls the DDP-wrapped student, so DDP still sees (and all-reduces) it.
-    step = DistillationStep(
-        student_net, teacher_cells_net if distilling else None, distill, amp=use_amp
-    )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune convs once
-    # One graph for teacher + student + losses; dynamic=False is safe because the train loader
-    # drops the last partial batch (static shapes; evaluation, with its partial batch, stays eager).
-    step_fn = (
-        compiled_or_eager(step, lambda m: torch.compile(m, dynamic=False, mode=train.compile_mode))
-        if use_compile
-        else step
-    )
-    cuda_graphs = use_compile and device.type == "cuda" and train.compile_mode == "reduce-overhead"
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
-    )  # for evaluation; bf16 keeps fp32's range: no loss scaler needed
-
-    def write_checkpoint(directory: Path, epoch: int) -> None:
-        payload = {
-            "format": "sdd-search/trial-v1",
-            "student": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "epoch": epoch,
-            "history": history,
-            "model_name": config.student.model,
-            "num_classes": info.num_classes,
-            "config": config.model_dump(mode="json"),
-        }
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (CHECKPOINT_FILE + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, directory / CHECKPOINT_FILE)
-
-    for epoch in range(start_epoch, train.epochs):
-        _injected_failure(config, epoch + 1)
-        epoch_start = time.perf_counter()
+    for epoch in range(start_epoch + 1, train.epochs + 1):  # 1-based, as reported
+        for callback in (*callbacks, *EPOCH_CALLBACKS):
+            callback.on_epoch_start(config, epoch)
+        started = time.perf_counter()
         student_net.train()
-        train_loader.set_epoch(epoch)
-        # A 0-dim tensor, not a float: a new warm-up value is new data, not a recompile.
-        kd_scale = torch.full(
-            (), distill.kd_weight * warmup_factor(epoch + 1, distill.warmup_epochs), device=device
-        )
-        # Running sums stay on the device: no host sync inside the step loop.
-        sums = torch.zeros(5, device=device)  # loss, ce, kd, correct, seen
+        train_loader.set_epoch(epoch - 1)  # the loader's shuffle counts epochs from 0
+
+        # set the epoch's kd scale
+        kd_scale = _kd_scale(distill, epoch, runtime.device)
+
+        # forward backward update; the running sums stay on the device (no host sync per step)
+        sums = torch.zeros(len(SUM_COLUMNS), device=runtime.device)
         for images, labels in train_loader:
-            if cuda_graphs:
-                # Each step is a new iteration: its graph outputs may reuse the last one's memory.
+            if cuda_graphs:  # a new iteration: its graph outputs may reuse the last one's memory
                 torch.compiler.cudagraph_mark_step_begin()
             loss, batch_sums = step_fn(images, labels, kd_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -425,57 +334,155 @@ def run_trial(
             optimizer.step()
             sums += batch_sums
         scheduler.step()
-        if distributed:
-            dist.all_reduce(sums)
-        loss_sum, ce_sum, kd_sum, correct, seen = sums.tolist()
-        train_seconds = time.perf_counter() - epoch_start
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLossError(
-                f"training loss became {loss_sum} at epoch {epoch + 1} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower train.lr or distill weights"
-            )
-        if distributed:
-            # DDP keeps parameters equal, but each rank's BatchNorm statistics saw only its own
-            # last batches: evaluate (and checkpoint, from rank 0) one and the same model.
-            for buffer in student.buffers():
-                dist.broadcast(buffer, src=0)
-        evaluation = evaluate(student, val_loader, device, autocast, distributed)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_ce": ce_sum / seen,
-            "train_kd": kd_sum / seen,
-            "train_top1": 100.0 * correct / seen,
-            **evaluation,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - epoch_start,
-            "train_images_per_second": seen / train_seconds,
-            "world_size": world_size,
-        }
-        previous_best = max((h["val_top1"] for h in history), default=-1.0)
-        metrics["best_val_top1"] = max(previous_best, metrics["val_top1"])
-        history.append(metrics)
-        if log is not None and rank == 0:
-            log(
-                f"epoch {epoch + 1}/{train.epochs} loss {metrics['train_loss']:.4f} "
-                f"val top-1 {metrics['val_top1']:.2f}% ({metrics['epoch_seconds']:.1f}s)"
-            )
-        completed = epoch + 1
-        if report is not None:
-            writer = (
-                (lambda directory, e=completed: write_checkpoint(Path(directory), e))
-                if rank == 0
-                else None
-            )
-            report(dict(metrics), writer)
-        elif checkpoint_dir is not None and rank == 0:
-            write_checkpoint(Path(checkpoint_dir), completed)
+        lr = optimizer.param_groups[0]["lr"]  # the next epoch's, as reported
+        totals = _summed_over_ranks(sums, runtime)  # the epoch's one host sync
+        train_seconds = time.perf_counter() - started
+        _check_finite(totals["loss"], epoch, lr)
 
+        # evaluate (the selection split each epoch; the final stage: the test split, once)
+        _share_batchnorm_statistics(student, runtime)
+        evaluation = _evaluate_epoch(config, epoch, student, val_loader, runtime, autocast)
+
+        # report and checkpoint
+        metrics = _epoch_metrics(
+            epoch, totals, evaluation, history, lr, started, train_seconds, runtime.world_size
+        )
+        history.append(metrics)
+        if log is not None and runtime.rank == 0:
+            log(_log_line(metrics, train.epochs))
+        writer = partial(save_state, epoch=epoch) if runtime.rank == 0 else None
+        if report is not None:
+            report(dict(metrics), writer)
+        elif checkpoint_dir is not None and writer is not None:
+            writer(checkpoint_dir)
+
+    return _result(student, info.num_classes, history)
+
+
+def _kd_scale(distill: DistillConfig, epoch: int, device: torch.device) -> torch.Tensor:
+    """kd_weight * warm-up for ``epoch`` (1-based) as a 0-dim tensor on the device: a new
+    warm-up value is then new data for the compiled step, not a recompile."""
+    return torch.full(
+        (), distill.kd_weight * warmup_factor(epoch, distill.warmup_epochs), device=device
+    )
+
+
+def _summed_over_ranks(sums: torch.Tensor, runtime: Runtime) -> dict[str, float]:
+    """An epoch's step sums, over every rank, by :data:`SUM_COLUMNS` name."""
+    if runtime.distributed:
+        dist.all_reduce(sums)
+    return named_sums(sums, SUM_COLUMNS)
+
+
+def _check_finite(loss_sum: float, epoch: int, lr: float) -> None:
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLossError(
+            f"training loss became {loss_sum} at epoch {epoch} "
+            f"(lr {lr:.3g}); lower train.lr or distill weights"
+        )
+
+
+def _share_batchnorm_statistics(student: nn.Module, runtime: Runtime) -> None:
+    """DDP keeps parameters equal, but each rank's BatchNorm statistics saw only its own last
+    batches: evaluate (and checkpoint, from rank 0) one and the same model."""
+    if runtime.distributed:
+        for buffer in student.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _epoch_metrics(
+    epoch: int,
+    totals: dict[str, float],
+    evaluation: dict[str, float],
+    history: list[dict[str, float]],
+    lr: float,
+    started: float,
+    train_seconds: float,
+    world_size: int,
+) -> dict[str, float]:
+    """One epoch's row: means per image, accuracies in percent, times in seconds.
+
+    ``totals`` are the step sums by column, ``history`` the rows of the epochs before,
+    ``started`` the epoch's :func:`time.perf_counter`, ``train_seconds`` its training time.
+    """
+    seen = totals["seen"]
+    metrics = {
+        "epoch": epoch,
+        "train_loss": totals["loss"] / seen,
+        "train_ce": totals["ce"] / seen,
+        "train_kd": totals["kd"] / seen,
+        "train_top1": 100.0 * totals["correct"] / seen,
+        **evaluation,
+        "lr": lr,
+        "epoch_seconds": time.perf_counter() - started,  # training and evaluation
+        "train_images_per_second": seen / train_seconds,  # all ranks together
+        "world_size": world_size,
+    }
+    if "val_top1" in metrics:  # the final stage has no selection split to score
+        previous_best = max((row["val_top1"] for row in history), default=-1.0)
+        metrics["best_val_top1"] = max(previous_best, metrics["val_top1"])
+    return metrics
+
+
+def _evaluate_epoch(
+    config: TrialConfig, epoch: int, student: nn.Module, loader, runtime: Runtime, autocast
+) -> dict[str, float]:
+    """The search stage scores the selection split after every epoch (``val_*``); the final
+    stage scores the test split once, after its last epoch (``test_*``), and nothing before."""
+    if config.data.stage == "final" and epoch < config.train.epochs:
+        return {}
+    split = "test" if config.data.stage == "final" else "val"
+    return evaluate(student, loader, runtime.device, autocast, runtime.distributed, split=split)
+
+
+def _log_line(metrics: dict[str, float], epochs: int) -> str:
+    scores = "".join(
+        f" {split} top-1 {metrics[f'{split}_top1']:.2f}%"
+        for split in ("val", "test")
+        if f"{split}_top1" in metrics
+    )
+    return (
+        f"epoch {metrics['epoch']}/{epochs} loss {metrics['train_loss']:.4f}{scores} "
+        f"({metrics['epoch_seconds']:.1f}s)"
+    )
+
+
+def _checkpoint_saver(
+    config: TrialConfig,
+    num_classes: int,
+    history: list[dict[str, float]],
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Callable[..., None]:
+    """save(directory, epoch=...): the whole training state after ``epoch`` epochs, read as it
+    is called, as ``directory/checkpoint.pt`` (what :func:`load_checkpoint` reads)."""
+
+    def save(directory: str | os.PathLike, *, epoch: int) -> None:
+        payload = {
+            "format": TRIAL_CHECKPOINT_FORMAT,
+            "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch,  # epochs completed
+            "history": history,  # their metrics rows
+            "model_name": config.student.model,
+            "num_classes": num_classes,
+            "config": config.model_dump(mode="json"),
+        }
+        atomic_save(payload, Path(directory) / CHECKPOINT_FILE)
+
+    return save
+
+
+def _result(student: nn.Module, num_classes: int, history: list[dict[str, float]]) -> TrialResult:
     student.eval()
-    best_row = max(history, key=lambda h: h["val_top1"]) if history else {}
+    scored = [row for row in history if "val_top1" in row]
+    best_row = max(scored, key=lambda row: row["val_top1"]) if scored else {}
     return TrialResult(
         model=student.cpu(),
-        num_classes=info.num_classes,
+        num_classes=num_classes,
         history=history,
         best={
             "val_top1": best_row.get("val_top1", float("nan")),
@@ -491,48 +498,36 @@ def evaluate(
     device: torch.device,
     autocast=None,
     distributed: bool = False,
+    split: str = "val",
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over the whole validation set."""
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over the whole of ``loader``,
+    as ``<split>_top1``, ``<split>_top5`` and ``<split>_loss``.
+
+    ``model(images)`` gives the logits; ``autocast`` is a context to run it in (e.g. bf16);
+    ``distributed`` sums the counts over the ranks, each of which saw its own shard.
+    """
     model.eval()
-    sums = torch.zeros(4, device=device)  # loss, top1, top5, seen
+    sums = torch.zeros(len(EVAL_SUM_COLUMNS), device=device)
     for images, labels in loader:
         with autocast or nullcontext():
-            logits = model(images)[0]
+            logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels.unsqueeze(1)
-        sums += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum"),
-                hits[:, 0].sum().float(),
-                hits.any(dim=1).sum().float(),
-                # A fill on the device, not a host->device copy (which would sync every batch).
-                torch.full((), float(labels.shape[0]), device=device),
-            ]
-        )
+        batch = {
+            "loss": F.cross_entropy(logits, labels, reduction="sum"),
+            "top1": hits[:, 0].sum().float(),
+            "top5": hits.any(dim=1).sum().float(),
+            # A fill on the device, not a host->device copy (which would sync every batch).
+            "seen": torch.full((), float(labels.shape[0]), device=device),
+        }
+        sums += torch.stack([batch[column] for column in EVAL_SUM_COLUMNS])
     if distributed:
         dist.all_reduce(sums)
-    loss, top1, top5, seen = sums.tolist()
-    seen = max(seen, 1.0)
+    totals = named_sums(sums, EVAL_SUM_COLUMNS)
+    seen = max(totals["seen"], 1.0)
     return {
-        "val_loss": loss / seen,
-        "val_top1": 100.0 * top1 / seen,
-        "val_top5": 100.0 * top5 / seen,
+        f"{split}_loss": totals["loss"] / seen,
+        f"{split}_top1": 100.0 * totals["top1"] / seen,
+        f"{split}_top5": 100.0 * totals["top5"] / seen,
     }
-
-
-def train_locally(
-    config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None = None, log=print
-) -> TrialResult:
-    """Convenience for scripts: run one trial in this process, resuming from checkpoint_dir if it
-    holds a checkpoint."""
-    checkpoint_dir = (
-        Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="sdd-"))
-    )
-    resume = checkpoint_dir / CHECKPOINT_FILE
-    return run_trial(
-        config,
-        checkpoint_dir=checkpoint_dir,
-        resume_from=resume if resume.is_file() else None,
-        log=log,
-    )

@@ -6,7 +6,8 @@ imports only what those processes need: no MLflow, no Tune search algorithms, no
 loading; torch is imported inside the worker. See :mod:`sdd_search.search` for the driver side.
 
 Each worker also reports wall-clock timestamps of its start-up phases with its first epoch, so
-the search can say where a trial's time outside the training loop goes (``PHASES``).
+the search can say where a trial's time outside the training loop goes
+(:data:`sdd_search.overhead.PHASES`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from typing import Any
 import numpy as np
 
 from sdd_search.config import TrialConfig
-from sdd_search.spec import SEARCHABLE
+from sdd_search.ray_compat import trainer_class
+from sdd_search.space import config_of
 
-REFERENCE_NAMES = ("baseline", "kd")  # a student on labels only, and plain KD (scales [1])
-ROLE_KEY = "sdd_role"
-TRIAL_KEY = "sdd_trial"
 TIMING_PREFIX = "timing/"  # result keys holding start-up timestamps (not logged as metrics)
 # Result keys with facts about where rank 0 trains (strings, sent with its first epoch), and the
 # MLflow tags they become: the trial's Tune actor (and so Tune's own node_ip) is on the head.
@@ -38,54 +37,6 @@ WORKER_FACTS = {
     "worker/gpu_ids": "sys.gpu_ids",
     "worker/cuda_visible_devices": "sys.cuda_visible_devices",
 }
-
-# --------------------------------------------------------------------------------------------
-# A trial's configuration from Tune's
-
-
-def encode_choice(knob: str, value: Any) -> Any:
-    """Optuna's categorical choices must be scalars: scale sets travel as "1,2,4"."""
-    return ",".join(str(int(m)) for m in value) if knob == "scales" else value
-
-
-def decode_choice(knob: str, value: Any) -> Any:
-    if knob == "scales" and isinstance(value, str):
-        return [int(m) for m in value.split(",")]
-    return value
-
-
-def trial_config(base: dict, params: dict[str, Any]) -> TrialConfig:
-    """The spec's trial with the sampled knobs applied."""
-    tree = {
-        section: dict(values) if isinstance(values, dict) else values
-        for section, values in base.items()
-    }
-    for knob, value in params.items():
-        if knob in SEARCHABLE:
-            tree[SEARCHABLE[knob]][knob] = decode_choice(knob, value)
-    return TrialConfig.model_validate(tree)
-
-
-def reference_config(base: dict, name: str) -> TrialConfig:
-    tree = {section: dict(values) for section, values in base.items()}
-    if name == "baseline":
-        tree["distill"]["method"] = "none"
-    else:  # plain KD on global logits, the paper's comparison point
-        tree["distill"].update(method="sdd", base="kd", scales=[1], complementary_weight=1.0)
-    return TrialConfig.model_validate(tree)
-
-
-def searched_params(config: dict) -> dict[str, Any]:
-    return {k: decode_choice(k, v) for k, v in config.items() if k in SEARCHABLE}
-
-
-def config_of(config: dict) -> TrialConfig:
-    """The TrialConfig of a Tune trial config (a searched trial or a reference)."""
-    role = config.get(ROLE_KEY, "search")
-    if role == "search":
-        return trial_config(config[TRIAL_KEY], searched_params(config))
-    return reference_config(config[TRIAL_KEY], role)
-
 
 # --------------------------------------------------------------------------------------------
 # The Ray Train worker
@@ -160,19 +111,64 @@ def _worker_facts(device) -> dict[str, str]:
     return facts
 
 
+class _Reporter:
+    """run_trial's ``report``: sends each epoch's metrics (and checkpoint) to Ray Train.
+
+    ``timing``: start-up timestamps and where this worker trains, sent once with the first
+    epoch this process trains; later epochs carry the mean seconds a report took so far.
+    """
+
+    def __init__(self, timing: dict[str, Any]):
+        self.timing = timing
+        self.seconds, self.epochs = 0.0, 0  # time spent in report(): checkpoint + send
+
+    def __call__(self, metrics: dict, write_checkpoint) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        started = time.time()
+        if self.timing:
+            # The loop started one epoch (train + evaluation) before its first report.
+            self.timing[f"{TIMING_PREFIX}loop_started"] = started - metrics["epoch_seconds"]
+            metrics = {**metrics, **self.timing}
+            self.timing = {}
+        if self.epochs:
+            metrics[f"{TIMING_PREFIX}report_seconds_per_epoch"] = self.seconds / self.epochs
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_checkpoint(Path(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        self.seconds += time.time() - started
+        self.epochs += 1
+
+
+def _replay(checkpoint, resume_from: Path) -> None:
+    """Report again the epochs ``checkpoint`` (Train's, opened at ``resume_from``) holds.
+
+    A driver killed between Train saving a checkpoint and Tune recording its result would
+    otherwise lose those epochs (or, for a finished trial, every result). The MLflow callback
+    drops epochs it has. The last replayed epoch names the checkpoint again (rank 0), so that a
+    trial whose last result is a replay (ASHA can stop it there) still has a student to register.
+    """
+    import ray.train
+
+    from sdd_search.train import load_checkpoint
+
+    history = load_checkpoint(resume_from)["history"]
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    for number, row in enumerate(history, start=1):
+        again = checkpoint if rank0 and number == len(history) else None
+        ray.train.report({**row, "replayed": 1.0}, checkpoint=again)
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker: plain run_trial with a report callback; resumes from Train's checkpoint."""
     import ray
     import ray.train
-    from ray.train import Checkpoint
 
-    from sdd_search.train import (
-        CHECKPOINT_FILE,
-        NonFiniteLossError,
-        load_checkpoint,
-        resolve_device,
-        run_trial,
-    )
+    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, resolve_device, run_trial
 
     imported = time.time()
 
@@ -185,36 +181,15 @@ def train_worker(loop_config: dict) -> None:
     # The device run_trial will train on (Ray's GPU for this worker, if it has one), so the
     # reported facts name it, not just what Ray assigned.
     device = resolve_device(trial.train, _assigned_device())
-    # Start-up timestamps and where it trains, sent once with the first epoch this process trains.
-    timing: dict[str, Any] = {
-        f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
-        f"{TIMING_PREFIX}driver_entered": loop_config.get("driver_entered", math.nan),
-        f"{TIMING_PREFIX}worker_created": _process_start_time(),
-        f"{TIMING_PREFIX}worker_imported": imported,
-        **_worker_facts(device),
-    }
-
-    reporting = {"seconds": 0.0, "epochs": 0}  # time spent in report(): checkpoint + send
-
-    def report(metrics: dict, write_checkpoint) -> None:
-        started = time.time()
-        if timing:
-            # The loop started one epoch (train + evaluation) before its first report.
-            timing[f"{TIMING_PREFIX}loop_started"] = started - metrics["epoch_seconds"]
-            metrics = {**metrics, **timing}
-            timing.clear()
-        if reporting["epochs"]:
-            metrics[f"{TIMING_PREFIX}report_seconds_per_epoch"] = (
-                reporting["seconds"] / reporting["epochs"]
-            )
-        if write_checkpoint is None:
-            ray.train.report(metrics)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_checkpoint(Path(tmp))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        reporting["seconds"] += time.time() - started
-        reporting["epochs"] += 1
+    report = _Reporter(
+        {
+            f"{TIMING_PREFIX}driver_created": loop_config.get("driver_created", math.nan),
+            f"{TIMING_PREFIX}driver_entered": loop_config.get("driver_entered", math.nan),
+            f"{TIMING_PREFIX}worker_created": _process_start_time(),
+            f"{TIMING_PREFIX}worker_imported": imported,
+            **_worker_facts(device),
+        }
+    )
 
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
@@ -222,16 +197,7 @@ def train_worker(loop_config: dict) -> None:
         if checkpoint is not None:
             directory = stack.enter_context(checkpoint.as_directory())
             resume_from = Path(directory) / CHECKPOINT_FILE
-            # Replay the epochs the checkpoint holds: a driver killed between Train saving a
-            # checkpoint and Tune recording its result would otherwise lose those epochs (or,
-            # for a finished trial, every result). The MLflow callback drops epochs it has.
-            # The last replayed epoch names the checkpoint again (rank 0), so that a trial whose
-            # last result is a replay (ASHA can stop it there) still has a student to register.
-            history = load_checkpoint(resume_from)["history"]
-            rank0 = ray.train.get_context().get_world_rank() == 0
-            for number, row in enumerate(history, start=1):
-                again = checkpoint if rank0 and number == len(history) else None
-                ray.train.report({**row, "replayed": 1.0}, checkpoint=again)
+            _replay(checkpoint, resume_from)
         try:
             run_trial(
                 trial,
@@ -251,35 +217,6 @@ def train_worker(loop_config: dict) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The Tune trial driver
-
-
-def trainer_class(workers: int) -> type:
-    """Ray Train's TorchTrainer for data-parallel trials; the plain trainer for one worker.
-
-    TorchTrainer sets up the torch.distributed process group that DDP needs. One worker needs
-    none, and the plain (Train V2) trainer keeps torch out of the trial's Tune actor and its
-    Train controller: two fewer torch imports per trial (seconds of CPU, ~200 MB each).
-    Either way without Ray Data's dataset manager, which Train starts for every run (a process
-    per trial) although a trial here passes no Ray Dataset.
-    """
-    if workers > 1:
-        from ray.train.torch import TorchTrainer as base
-    else:
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer as base
-
-    class Trainer(base):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            try:
-                from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-            except ImportError:  # another Ray layout: keep its defaults
-                return callbacks
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    Trainer.__name__ = Trainer.__qualname__ = base.__name__
-    return Trainer
 
 
 def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None = None) -> None:
@@ -321,33 +258,3 @@ def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None =
         ),
     )
     trainer.fit()
-
-
-# --------------------------------------------------------------------------------------------
-# Where a trial's time goes
-
-# (phase, from, to): consecutive wall-clock marks of one trial, in order. "trial_started" is
-# when the trial's Tune actor process was created (or Tune started the trial, if later),
-# "last_result" when the search driver got the last epoch, "trial_ended" when Tune ended it.
-PHASES: tuple[tuple[str, str, str], ...] = (
-    ("trial actor start", "trial_started", "driver_entered"),
-    ("train workers start", "driver_entered", "worker_created"),
-    ("worker imports", "worker_created", "worker_imported"),  # Ray, Train, torch, sdd_search
-    ("teacher, data, model", "worker_imported", "loop_started"),
-    ("checkpoints, reports", "loop_started", "last_result"),  # minus the loop itself
-    ("shutdown", "last_result", "trial_ended"),
-)
-
-
-def phase_seconds(marks: dict[str, float], loop_seconds: float) -> dict[str, float] | None:
-    """Seconds per phase of one trial from its marks; None if a mark is missing."""
-    names = {name for _, start, end in PHASES for name in (start, end)}
-    if not names <= marks.keys() or any(not math.isfinite(marks[n]) for n in names):
-        return None
-    out = {}
-    for phase, start, end in PHASES:
-        seconds = marks[end] - marks[start]
-        if start == "loop_started":
-            seconds -= loop_seconds
-        out[phase] = max(0.0, seconds)
-    return out

@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdd_search import data
+from sdd_search.config import DataConfig
 from sdd_search.data import (
     DATASETS,
     DatasetError,
@@ -26,11 +27,14 @@ from sdd_search.data import (
     ImageFolderLoader,
     Loader,
     ResidentLoader,
-    _load_digits,
     build_datasets_and_loaders,
     dataset_info,
+    gpu_resize,
+    role_counts,
+    sampling,
     stratified_split,
 )
+from sdd_search.data.sources import _load_digits
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
@@ -125,32 +129,54 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def test_digits_split_is_fixed_stratified_and_complete() -> None:
+    # The final stage: all 1438 training images, evaluated on the fixed 20% test split.
     info, train_a, val_a = build_datasets_and_loaders(
-        "digits", root=None, batch_size=64, device=CPU, seed=0
+        "digits", root=None, batch_size=64, device=CPU, seed=0, stage="final"
     )
     _, train_b, val_b = build_datasets_and_loaders(
-        "digits", root=None, batch_size=64, device=CPU, seed=123
+        "digits", root=None, batch_size=64, device=CPU, seed=123, stage="final"
     )
 
-    assert info == dataset_info("digits")
-    assert (info.num_train, info.num_val) == (1438, 359)
-    assert info.num_train + info.num_val == 1797
+    assert info == dataset_info("digits", stage="final")
+    assert (info.num_train, info.num_test) == (1438, 359)
+    assert info.num_train + info.num_test == 1797
     assert (info.num_classes, info.image_size, info.channels) == (10, 16, 3)
     images_a, labels_a = _all_batches(val_a)
     images_b, labels_b = _all_batches(val_b)
     assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
-    # Stratified: every class holds 20% of its images (rounded) in validation.
+    # Stratified: every class holds 20% of its images (rounded) in the test split.
     _, all_labels = _load_digits()
     per_class = np.bincount(all_labels, minlength=10)
     assert torch.bincount(labels_a, minlength=10).tolist() == np.round(0.2 * per_class).tolist()
     assert len(train_a) == 1438 // 64 and len(val_a) == math.ceil(359 / 64)
 
 
+def test_digits_roles_count_train_selection_and_test() -> None:
+    """Search: 80% of the training pool trains, 20% of it (stratified) is the selection split;
+    the test split is the same 359 images as the final stage's."""
+    info, train, selection = build_datasets_and_loaders(
+        "digits", root=None, batch_size=64, device=CPU
+    )
+    assert (info.stage, info.num_train, info.num_selection, info.num_test) == (
+        "search", 1150, 288, None,  # the search stage never opens the test split
+    )  # fmt: skip
+    assert info.num_eval == 288 and len(train) == 1150 // 64 and len(selection) == 5
+    described = dataset_info("digits")
+    assert described == replace(info, num_test=359)
+    assert role_counts(described) == "train 1150 / selection 288 / test 359"
+    assert role_counts(dataset_info("digits", stage="final")) == role_counts(described)
+    assert role_counts(info) == "train 1150 / selection 288 / test not read"
+    assert 1150 + 288 + 359 == 1797
+    # A share of the training data other than the default.
+    custom = dataset_info("digits", selection_fraction=0.5)
+    assert (custom.num_train, custom.num_selection) == (719, 719)
+
+
 def test_digits_are_scikit_learns_without_importing_it() -> None:
     # A fresh process (every trial's worker is one) reads the digits without importing
     # scikit-learn, and gets exactly sklearn.datasets.load_digits().
     code = (
-        "import sys; from sdd_search.data import _load_digits; images, labels = _load_digits(); "
+        "import sys; from sdd_search.data.sources import _load_digits; images, labels = _load_digits(); "
         "print(images.shape, labels.shape, 'sklearn' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -173,8 +199,26 @@ def test_stratified_split_is_disjoint_complete_and_seeded() -> None:
     assert not np.array_equal(val, stratified_split(labels, 0.2, seed=1)[1])
 
 
+def test_stratified_split_holds_out_the_whole_share_within_one_image_per_class() -> None:
+    # 100 classes of 1 image at 10%: per-class rounding would hold out none; 10 are held out.
+    rng = np.random.default_rng(0)
+    for labels, fraction in [
+        (np.arange(100), 0.1),
+        (rng.integers(0, 7, 500), 0.13),
+        (np.repeat(np.arange(3), [5, 5, 4]), 0.1),
+    ]:
+        kept, held_out = stratified_split(labels, fraction, seed=3)
+        assert len(held_out) == round(fraction * len(labels))
+        assert not set(kept.tolist()) & set(held_out.tolist())
+        for label in np.unique(labels):
+            share = fraction * int((labels == label).sum())
+            assert abs(int((labels[held_out] == label).sum()) - share) < 1
+
+
 def test_digits_batches_are_shaped_and_normalised() -> None:
-    info, train, val = build_datasets_and_loaders("digits", root=None, batch_size=64, device=CPU)
+    info, train, val = build_datasets_and_loaders(
+        "digits", root=None, batch_size=64, device=CPU, stage="final"
+    )
     images, labels = next(iter(train))
     assert images.shape == (64, 3, 16, 16) and images.dtype == torch.float32
     assert labels.shape == (64,) and labels.dtype == torch.int64
@@ -265,12 +309,12 @@ def test_resident_batches_equal_per_image_pad_crop_flip(channels_last: bool) -> 
 def test_crop_offsets_cover_zero_to_eight_uniformly_and_flips_are_fair() -> None:
     generator = torch.Generator().manual_seed(0)
     count = 90_000
-    offsets = data._sample_crop_offsets(count, 4, generator)
+    offsets = sampling.sample_crop_offsets(count, 4, generator)
     for axis in range(2):
         counts = torch.bincount(offsets[:, axis])
         assert counts.numel() == 9  # exactly the values 0..8
         assert int(counts.min()) > 0.9 * count / 9 and int(counts.max()) < 1.1 * count / 9
-    flip_rate = float(data._sample_flips(count, generator).float().mean())
+    flip_rate = float(sampling.sample_flips(count, generator).float().mean())
     assert abs(flip_rate - 0.5) < 0.05
 
     _, train, _ = build_datasets_and_loaders(
@@ -291,7 +335,7 @@ def test_resized_crop_boxes_stay_in_scale_ratio_and_image() -> None:
     generator = torch.Generator().manual_seed(0)
     heights = torch.randint(200, 600, (20_000,), generator=generator)
     widths = torch.randint(200, 600, (20_000,), generator=generator)
-    boxes = data._sample_resized_crop_boxes(heights, widths, generator)
+    boxes = sampling.sample_resized_crop_boxes(heights, widths, generator)
     top, left, height, width = boxes.unbind(1)
     assert bool((top >= 0).all() and (left >= 0).all())
     assert bool((top + height <= heights).all() and (left + width <= widths).all())
@@ -324,7 +368,7 @@ def test_resized_crop_boxes_match_torchvision_distribution_and_fallback() -> Non
         [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
     ).double()
     generator = torch.Generator().manual_seed(1)
-    ours = data._sample_resized_crop_boxes(
+    ours = sampling.sample_resized_crop_boxes(
         torch.full((20_000,), 60), torch.full((20_000,), 200), generator
     ).double()
     for column in range(4):  # top, left, height, width: same means within sampling noise
@@ -338,7 +382,7 @@ def test_resized_crop_boxes_match_torchvision_distribution_and_fallback() -> Non
         expected = RandomResizedCrop.get_params(
             torch.zeros(1, height, width), [0.08, 1.0], [3 / 4, 4 / 3]
         )
-        got = data._sample_resized_crop_boxes(
+        got = sampling.sample_resized_crop_boxes(
             torch.tensor([height]), torch.tensor([width]), generator
         )
         if height * width > 4:
@@ -355,9 +399,9 @@ def test_resized_crop_boxes_match_torchvision_distribution_and_fallback() -> Non
 def test_cifar100_loads_from_real_pickle_format(cifar100_root: tuple[Path, dict]) -> None:
     root, entries = cifar100_root
     info, train, val = build_datasets_and_loaders(
-        "cifar100", root=str(root), batch_size=16, device=CPU, download=False
+        "cifar100", root=str(root), batch_size=16, device=CPU, download=False, stage="final"
     )
-    assert (info.num_classes, info.image_size, info.num_train, info.num_val) == (100, 32, 50, 20)
+    assert (info.num_classes, info.image_size, info.num_train, info.num_test) == (100, 32, 50, 20)
     assert info.mean == (0.5071, 0.4865, 0.4409) and info.std == (0.2673, 0.2564, 0.2762)
     assert len(train) == 50 // 16
     images, labels = next(iter(train))
@@ -382,7 +426,54 @@ def test_cifar100_corrupt_pickle_is_a_dataset_error(cifar100_root: tuple[Path, d
     root, _ = cifar100_root
     (root / "cifar-100-python" / "test").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="cifar-100-python"):
+        build_datasets_and_loaders(
+            "cifar100", root=str(root), batch_size=16, device=CPU, stage="final"
+        )
+    (root / "cifar-100-python" / "train").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="cifar-100-python"):
         build_datasets_and_loaders("cifar100", root=str(root), batch_size=16, device=CPU)
+
+
+class _Tripwire:
+    """Unpickling this creates ``path``: proof that a file was opened and unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_search_stage_never_opens_cifars_test_batch(
+    cifar100_root: tuple[Path, dict], tmp_path: Path
+) -> None:
+    root, entries = cifar100_root
+    test_file = root / "cifar-100-python" / "test"
+    opened = tmp_path / "test-batch-was-unpickled"
+    test_file.write_bytes(pickle.dumps(_Tripwire(opened), protocol=2))
+    info, train, selection = build_datasets_and_loaders(
+        "cifar100", root=str(root), batch_size=8, device=CPU
+    )
+    assert not opened.exists()
+    # 10% of the 50 training images, stratified: 5 held out for selection, none of them trained on.
+    assert (info.num_train, info.num_selection, info.num_test) == (45, 5, None)
+    _, selection_labels = _all_batches(selection)
+    assert len(selection_labels) == 5
+    assert set(selection_labels.tolist()) <= set(entries["train"]["fine_labels"])
+    # Without the test batch at all, the search stage still builds; the final stage names it.
+    test_file.unlink()
+    build_datasets_and_loaders("cifar100", root=str(root), batch_size=8, device=CPU)
+    with pytest.raises(DatasetError, match=re.escape(str(test_file))):
+        build_datasets_and_loaders(
+            "cifar100", root=str(root), batch_size=8, device=CPU, stage="final"
+        )
+    # The tripwire does fire when the test batch is read: the search stage's silence is meaningful.
+    test_file.write_bytes(pickle.dumps(_Tripwire(opened), protocol=2))
+    with pytest.raises(DatasetError, match="cifar-100-python"):
+        build_datasets_and_loaders(
+            "cifar100", root=str(root), batch_size=8, device=CPU, stage="final"
+        )
+    assert opened.exists()
 
 
 def test_cifar10_loads_five_batches(tmp_path: Path) -> None:
@@ -397,9 +488,9 @@ def test_cifar10_loads_five_batches(tmp_path: Path) -> None:
         )  # fmt: skip
     _write_cifar_pickle(folder / "batches.meta", {"label_names": [str(i) for i in range(10)]})
     info, train, val = build_datasets_and_loaders(
-        "cifar10", root=str(tmp_path), batch_size=8, device=CPU
+        "cifar10", root=str(tmp_path), batch_size=8, device=CPU, stage="final"
     )
-    assert (info.num_classes, info.num_train, info.num_val) == (10, 40, 8)
+    assert (info.num_classes, info.num_train, info.num_test) == (10, 40, 8)
     assert info.mean == (0.4914, 0.4822, 0.4465)
     assert len(train) == 5 and next(iter(val))[0].shape == (8, 3, 32, 32)
 
@@ -417,9 +508,10 @@ def test_imagefolder_loads_jpegs_of_mixed_sizes_and_modes(image_folder: Path) ->
         device=CPU,
         image_size=32,
         num_workers=0,
+        stage="final",
     )
-    assert info == dataset_info("imagefolder", str(image_folder), image_size=32)
-    assert (info.num_classes, info.num_train, info.num_val, info.image_size) == (3, 14, 6, 32)
+    assert info == dataset_info("imagefolder", str(image_folder), image_size=32, stage="final")
+    assert (info.num_classes, info.num_train, info.num_test, info.image_size) == (3, 14, 6, 32)
     assert isinstance(train, ImageFolderLoader) and isinstance(train, Loader)
     assert len(train) == 14 // 4 and len(val) == 2
 
@@ -441,7 +533,7 @@ def test_imagefolder_workers_shard_and_reproduce(image_folder: Path) -> None:
     def loaders(rank: int) -> tuple[Loader, Loader]:
         _, train, val = build_datasets_and_loaders(
             "imagefolder", root=str(image_folder), batch_size=3, device=CPU, image_size=32,
-            num_workers=2, seed=4, rank=rank, world_size=2,
+            num_workers=2, seed=4, rank=rank, world_size=2, stage="final",
         )  # fmt: skip
         return train, val
 
@@ -465,9 +557,16 @@ def test_imagefolder_val_class_missing_from_train_is_an_error(image_folder: Path
     (image_folder / "val" / "dog").mkdir()
     with pytest.raises(DatasetError) as raised:
         build_datasets_and_loaders(
-            "imagefolder", root=str(image_folder), batch_size=4, device=CPU, num_workers=0
-        )
+            "imagefolder", root=str(image_folder), batch_size=4, device=CPU, num_workers=0,
+            stage="final",
+        )  # fmt: skip
     assert str(image_folder / "val" / "dog") in str(raised.value)
+    with pytest.raises(DatasetError, match=re.escape(str(image_folder / "val" / "dog"))):
+        dataset_info("imagefolder", str(image_folder))  # what --check runs: every role is listed
+    # val/ is the test split here: the search stage does not list it.
+    build_datasets_and_loaders(
+        "imagefolder", root=str(image_folder), batch_size=4, device=CPU, num_workers=0
+    )
 
 
 def test_imagefolder_undecodable_file_names_the_path(image_folder: Path) -> None:
@@ -480,6 +579,7 @@ def test_imagefolder_undecodable_file_names_the_path(image_folder: Path) -> None
         device=CPU,
         image_size=32,
         num_workers=0,
+        stage="final",
     )
     with pytest.raises(DatasetError, match="ant_broken.jpg"):
         list(val)
@@ -515,7 +615,7 @@ def test_batched_resize_is_torchvisions_antialiased_resize(monkeypatch) -> None:
     resize_to = int(size / 0.875)
     # Up- and downscaling crops, odd shapes, and an image whose every crop is over the size cap.
     sides = [(30, 40), (75, 50), (140, 150), (61, 200), (17, 23), (150, 90), (900, 800), (90, 90)]
-    monkeypatch.setattr(data, "_BATCHED_MAX_SIDE", cap)
+    monkeypatch.setattr(gpu_resize, "BATCHED_MAX_SIDE", cap)
     images = _smooth_images(sides, seed=0)
     loader = _bare_loader(size, batched=True)
     train = loader._augment(images, torch.Generator().manual_seed(7))
@@ -525,8 +625,8 @@ def test_batched_resize_is_torchvisions_antialiased_resize(monkeypatch) -> None:
     # The loader's draws, repeated: boxes, then flips, from the same generator.
     generator = torch.Generator().manual_seed(7)
     heights, widths = torch.tensor(sides).unbind(1)
-    boxes = data._sample_resized_crop_boxes(heights, widths, generator).tolist()
-    flips = data._sample_flips(len(sides), generator).tolist()
+    boxes = sampling.sample_resized_crop_boxes(heights, widths, generator).tolist()
+    flips = sampling.sample_flips(len(sides), generator).tolist()
     assert any(flips) and not all(flips)
 
     def check(got: torch.Tensor, expected_float: torch.Tensor, expected_uint8, batched) -> None:
@@ -557,7 +657,7 @@ def test_batched_resize_is_torchvisions_antialiased_resize(monkeypatch) -> None:
         check(val[i], center(image.float()), center(image), in_batch)
     assert 0 < batched_counts["train"] < len(sides) and 0 < batched_counts["val"] < len(sides)
 
-    monkeypatch.setattr(data, "_CANVAS_ELEMENTS", 3 * 40 * 40)  # one region per chunk
+    monkeypatch.setattr(gpu_resize, "CANVAS_ELEMENTS", 3 * 40 * 40)  # one region per chunk
     for again, before in (
         (loader._augment(images, torch.Generator().manual_seed(7)), train),
         (loader._center(images), val),
@@ -575,7 +675,7 @@ def test_batched_resize_in_half_precision_stays_within_one_grey_level() -> None:
     sides = [tuple(side) for side in torch.randint(150, 260, (8, 2)).tolist()]
     images = _smooth_images(sides, seed=1)
     heights, widths = torch.tensor(sides).unbind(1)
-    boxes = data._sample_resized_crop_boxes(heights, widths, torch.Generator().manual_seed(3))
+    boxes = sampling.sample_resized_crop_boxes(heights, widths, torch.Generator().manual_seed(3))
     scales = boxes[:, 2:].to(torch.float64) / size
     plan = torch.cat([boxes.to(torch.float64), scales, torch.zeros_like(scales)], dim=1)
     no_flips = torch.zeros(len(sides), dtype=torch.bool)
@@ -586,7 +686,7 @@ def test_batched_resize_in_half_precision_stays_within_one_grey_level() -> None:
     uint8 = torch.stack(
         [TF.resized_crop(im, *box, [size, size], antialias=True) for im, box in crops]
     )
-    half = data._resize_regions(images, plan, no_flips, size, None, dtype=torch.float16)
+    half = gpu_resize.resize_regions(images, plan, no_flips, size, None, dtype=torch.float16)
     half_diff = (half.int() - exact.int()).abs()
     uint8_off = float(((uint8.int() - exact.int()).abs() > 0).float().mean())
     assert int(half_diff.max()) <= 1
@@ -629,7 +729,7 @@ def test_imagefolder_prefetch_thread_yields_the_same_batches_and_errors(image_fo
     def loaders(prefetch: bool) -> tuple[ImageFolderLoader, ImageFolderLoader]:
         _, train, val = build_datasets_and_loaders(
             "imagefolder", root=str(image_folder), batch_size=3, device=CPU, image_size=32,
-            num_workers=1, seed=5,
+            num_workers=1, seed=5, stage="final",
         )  # fmt: skip
         assert not train.prefetch and not val.prefetch  # the CPU default
         train.prefetch = val.prefetch = prefetch
@@ -694,9 +794,9 @@ def test_two_ranks_split_train_disjointly_and_cover_val_once(name: str) -> None:
     assert not train_indices[0] & train_indices[1]
 
     val_indices = [index for _, _, val in shards for index in val.epoch_indices().tolist()]
-    assert sorted(val_indices) == list(range(info.num_val))
+    assert sorted(val_indices) == list(range(info.num_eval))
     seen = sum(len(labels) for _, _, val in shards for _, labels in val)
-    assert seen == info.num_val
+    assert seen == info.num_eval
 
 
 def test_synthetic_dataset_sizes_and_info() -> None:
@@ -707,9 +807,14 @@ def test_synthetic_dataset_sizes_and_info() -> None:
         device=CPU,
         synthetic_num_classes=5,
         synthetic_size=200,
+        stage="final",
     )
-    assert info == dataset_info("synthetic", synthetic_num_classes=5, synthetic_size=200)
-    assert (info.num_classes, info.image_size, info.num_train, info.num_val) == (5, 32, 200, 50)
+    described = dataset_info(
+        "synthetic", synthetic_num_classes=5, synthetic_size=200, stage="final"
+    )
+    assert info == described
+    assert (info.num_classes, info.image_size, info.num_train, info.num_test) == (5, 32, 200, 50)
+    assert role_counts(info) == "train 160 / selection 40 / test 50"
     images, labels = next(iter(train))
     assert images.shape == (50, 3, 32, 32) and int(labels.max()) < 5
     assert isinstance(train, Loader) and isinstance(val, Loader)
@@ -725,3 +830,119 @@ def test_argument_errors_are_one_line_messages() -> None:
             "digits", root=None, batch_size=8, device=CPU, rank=2, world_size=2
         )
     assert set(DATASETS) == {"digits", "cifar100", "cifar10", "imagefolder", "synthetic"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Roles: train, selection (held out of the training data), test
+# ----------------------------------------------------------------------------------------------
+
+
+def _stored_images(loader: ResidentLoader) -> list[bytes]:
+    """Each image the loader holds, unpadded and unaugmented, as bytes (one key per image)."""
+    pad = loader.pad
+    images = loader._images[:, :, pad : pad + loader.height, pad : pad + loader.width]
+    return [image.numpy().tobytes() for image in images]
+
+
+def test_selection_is_held_out_of_train_stratified_and_the_same_for_every_run() -> None:
+    def build(stage: str, seed: int) -> tuple[DatasetInfo, ResidentLoader, ResidentLoader]:
+        return build_datasets_and_loaders(
+            "synthetic", root=None, batch_size=16, device=CPU, seed=seed, stage=stage,
+            synthetic_num_classes=7, synthetic_size=300,
+        )  # fmt: skip
+
+    info, train, selection = build("search", seed=0)
+    _, train_again, selection_again = build("search", seed=41)
+    final_info, all_train, test = build("final", seed=0)
+    train_keys, selection_keys = _stored_images(train), _stored_images(selection)
+    assert (info.num_train, info.num_selection) == (240, 60) and final_info.num_train == 300
+    # Disjoint, and together exactly the final stage's training data; test is neither.
+    assert not set(train_keys) & set(selection_keys)
+    assert sorted(train_keys + selection_keys) == sorted(_stored_images(all_train))
+    assert not set(_stored_images(test)) & set(_stored_images(all_train))
+    assert test.num_samples == final_info.num_test == 75
+    # The same selection split whatever the run seed, call after call.
+    images, labels = _all_batches(selection)
+    for other in (selection_again, build("search", seed=0)[2]):
+        other_images, other_labels = _all_batches(other)
+        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
+    assert _stored_images(train_again) == train_keys
+    # Stratified: each class gives 20% of its training images, to within one image.
+    per_class = torch.bincount(all_train._labels, minlength=7).double()
+    held_out = torch.bincount(labels, minlength=7).double()
+    assert float((held_out - 0.2 * per_class).abs().max()) < 1
+
+
+def test_imagefolder_selection_comes_out_of_train_without_listing_val(image_folder: Path) -> None:
+    def build(stage: str, **kwargs) -> tuple[DatasetInfo, ImageFolderLoader, ImageFolderLoader]:
+        return build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=2, device=CPU, num_workers=0,
+            image_size=32, stage=stage, **kwargs,
+        )  # fmt: skip
+
+    info, train, selection = build("search", selection_fraction=0.3)
+    final_info, all_train, test = build("final", selection_fraction=0.3)
+    # 30% of 14 (ant 5, bee 5, cat 4): 4 held out, each class 1 or 2.
+    assert (info.num_train, info.num_selection, info.num_test) == (10, 4, None)
+    assert (final_info.num_train, final_info.num_test) == (14, 6)
+    assert not set(train._paths) & set(selection._paths)
+    assert sorted(train._paths + selection._paths) == sorted(all_train._paths)
+    assert all("/train/" in path for path in selection._paths)
+    assert all("/val/" in path for path in test._paths)
+    assert selection._paths == build("search", selection_fraction=0.3, seed=9)[2]._paths
+    _, labels = _all_batches(selection)
+    assert sorted(torch.bincount(labels, minlength=3).tolist()) == [1, 1, 2]
+    assert role_counts(dataset_info("imagefolder", str(image_folder), selection_fraction=0.3)) == (
+        "train 10 / selection 4 / test 6"
+    )
+
+
+def test_imagefolder_with_val_and_test_uses_val_for_selection(image_folder: Path) -> None:
+    for name, colour in _CLASS_COLOURS.items():
+        folder = image_folder / "test" / name
+        folder.mkdir(parents=True)
+        (folder / f"{name}_test.jpg").write_bytes(_jpeg_bytes(Image.new("RGB", (36, 36), colour)))
+
+    def build(stage: str) -> tuple[DatasetInfo, ImageFolderLoader, ImageFolderLoader]:
+        return build_datasets_and_loaders(
+            "imagefolder", root=str(image_folder), batch_size=2, device=CPU, num_workers=0,
+            image_size=32, stage=stage, selection_fraction=0.5,  # not used: val/ is selection
+        )  # fmt: skip
+
+    info, train, selection = build("search")
+    assert (info.num_train, info.num_selection, info.num_test) == (14, 6, None)
+    assert all("/train/" in path for path in train._paths)
+    assert sorted(selection._paths) == sorted(str(p) for p in (image_folder / "val").rglob("*.jpg"))
+    final_info, all_train, test = build("final")
+    assert (final_info.num_train, final_info.num_selection, final_info.num_test) == (20, 6, 3)
+    assert sorted(all_train._paths) == sorted(train._paths + selection._paths)
+    assert all("/test/" in path for path in test._paths)
+    assert final_info == dataset_info(
+        "imagefolder", str(image_folder), image_size=32, stage="final"
+    )
+    # The search stage does not list test/: a class there that train/ lacks goes unnoticed
+    # until a stage (or --check's dataset_info) reads it.
+    (image_folder / "test" / "dog").mkdir()
+    build("search")
+    with pytest.raises(DatasetError, match=re.escape(str(image_folder / "test" / "dog"))):
+        build("final")
+    with pytest.raises(DatasetError, match=re.escape(str(image_folder / "test" / "dog"))):
+        dataset_info("imagefolder", str(image_folder))
+
+
+def test_selection_fraction_and_stage_are_checked() -> None:
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(ValueError, match="selection_fraction"):
+            DataConfig(selection_fraction=bad)
+    with pytest.raises(ValueError, match="stage"):
+        DataConfig(stage="test")
+    assert DataConfig().stage == "search" and DataConfig().selection_fraction is None
+    assert DataConfig(selection_fraction=0.25, stage="final").selection_fraction == 0.25
+    with pytest.raises(DatasetError, match="selection_fraction must be between 0 and 1"):
+        build_datasets_and_loaders(
+            "digits", root=None, batch_size=8, device=CPU, selection_fraction=1.0
+        )
+    with pytest.raises(DatasetError, match="selection split is empty"):
+        dataset_info("synthetic", synthetic_size=8, selection_fraction=0.05)
+    with pytest.raises(DatasetError, match="stage must be one of search, final"):
+        build_datasets_and_loaders("digits", root=None, batch_size=8, device=CPU, stage="test")

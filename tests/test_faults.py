@@ -23,27 +23,24 @@ import threading
 import time
 from pathlib import Path
 
+import fault_injection
 import pytest
 import yaml
 from conftest import TINY_SPEC, deep_update
 from mlflow import MlflowClient
 
-from sdd_search.train import FAIL_AT_EPOCH_ENV
-
 pytestmark = pytest.mark.slow
 
 TRAINER = {"trainer": 1}
-# The trial with lr 0.05 raises at the start of its second epoch (train.py's test hook, set in
-# the worker nodes' environment); every other trial trains normally.
-FAILING_LR = 0.05
-FAIL_RULE = f"2:train.lr={FAILING_LR}"
+# The trial with lr 0.05 raises at the start of its second epoch (tests/fault_injection.py, a
+# run_trial callback every worker process of this test's Ray job installs); every other trial
+# trains normally.
+FAILING_LR = fault_injection.FAILING_LR
 DIVERGING_LR = 1.0e6
 
 
 def add_worker(cluster):
-    return cluster.add_node(
-        num_cpus=1, resources=dict(TRAINER), env_vars={FAIL_AT_EPOCH_ENV: FAIL_RULE}
-    )
+    return cluster.add_node(num_cpus=1, resources=dict(TRAINER))
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +68,11 @@ def cluster(teacher_cache):
         for _ in range(2):
             add_worker(cluster)
         cluster.wait_for_nodes()
+        # A job-level runtime_env (Ray's public API) reaches every worker process on every node,
+        # nodes added later included; run_search then joins this connection.
+        ray.init(
+            address=cluster.address, runtime_env=fault_injection.RUNTIME_ENV, log_to_driver=False
+        )
         yield cluster
     finally:
         ray.shutdown()  # run_search connected this process to the cluster

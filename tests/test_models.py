@@ -1,4 +1,4 @@
-"""Tests for sdd_search.models: the CIFAR registry and the torchvision adapter.
+"""Tests for sdd_search.models: the registry, the factory and the torchvision adapter.
 
 Nothing downloads: torchvision models are built with ``weights=None``; the one test of the
 ``pretrained=True`` path replaces torchvision's builder with a local one.
@@ -7,6 +7,7 @@ Nothing downloads: torchvision models are built with ``weights=None``; the one t
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -22,9 +23,12 @@ from sdd_search.models import (
     create_model,
     is_torchvision_name,
     list_models,
+    list_torchvision_models,
+    model_name_problem,
     register_model,
     wrap_torchvision_model,
 )
+from sdd_search.models.torchvision_adapter import torchvision_support_problem
 from sdd_search.sdd import cell_logits
 
 
@@ -70,6 +74,14 @@ MDISTILLER_PARAMETER_COUNTS = {
     "shufflenetv2": 1_355_528,
 }
 
+# mdistiller's ImageNet MobileNetV1 (mdistiller/models/imagenet/mobilenetv1.py) at its fixed
+# 1000 classes, summed from its layer list (3x3 convs without bias, BN weight + bias):
+# stem 3*32*9 + 2*32 = 928; a depthwise-separable block (c -> d) has 9c + 2c + c*d + 2d,
+# so 2_528 + 9_152 + 18_048 + 34_688 + 68_864 + 134_912 + 5 * 268_800 + 531_968 + 1_061_888
+# = 3_206_048 for the 13 blocks; fc 1024 * 1000 + 1000 = 1_025_000. Total 4_231_976, the same
+# as running mdistiller's class.
+MDISTILLER_IMAGENET_PARAMETER_COUNTS = {"mobilenetv1": 4_231_976}
+
 # The sizes the SDD / mdistiller papers quote for the networks they train, in millions.
 PAPER_PARAMETER_MILLIONS = {
     "resnet32x4": 7.43,
@@ -94,6 +106,7 @@ FEATURE_MAP_AT_32 = {
     "wrn_40_1": (64, 8),
     "wrn_40_2": (128, 8),
     **{name: (512, 4) for name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    "mobilenetv1": (1024, 1),  # an ImageNet network: total stride 32
     "mobilenetv2": (1280, 2),
     "shufflenetv1": (960, 4),
     "shufflenetv2": (1024, 4),
@@ -143,7 +156,9 @@ def assert_close_up_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> No
 
 
 def test_list_models_names_exactly_the_paper_networks() -> None:
-    assert list_models() == sorted(MDISTILLER_PARAMETER_COUNTS)
+    assert list_models() == sorted(
+        [*MDISTILLER_PARAMETER_COUNTS, *MDISTILLER_IMAGENET_PARAMETER_COUNTS]
+    )
 
 
 def test_list_models_can_include_torchvision() -> None:
@@ -217,7 +232,8 @@ def test_forward_returns_logits_and_the_map_they_pool(name: str) -> None:
     model = paper_model(name)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        logits, features = model(images)
+        logits = model(images)
+        features = model.forward_features(images)
         channels, side = FEATURE_MAP_AT_32[name]
         assert logits.shape == (2, NUM_CLASSES)
         assert features.shape == (2, channels, side, side)
@@ -229,13 +245,15 @@ def test_forward_returns_logits_and_the_map_they_pool(name: str) -> None:
         cells = cell_logits(features, model.get_classifier(), SCALES)
         assert cells.shape == (2, 21, NUM_CLASSES)
         assert_close_up_to_scale(cells[:, 0], logits)
+        assert_close_up_to_scale(model.forward_cells(images, SCALES), cells)
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_SIDE_AT_16))
 def test_small_inputs_give_small_maps(name: str) -> None:
     model = create_model(name, num_classes=10).eval()
     with torch.no_grad():
-        logits, features = model(torch.randn(1, 3, 16, 16))
+        images = torch.randn(1, 3, 16, 16)
+        logits, features = model(images), model.forward_features(images)
     side = FEATURE_SIDE_AT_16[name]
     assert logits.shape == (1, 10)
     assert features.shape == (1, model.num_features, side, side)
@@ -244,7 +262,8 @@ def test_small_inputs_give_small_maps(name: str) -> None:
 @pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2", "shufflenetv1"])
 def test_sdd_loss_backpropagates_through_the_features_in_train_mode(name: str) -> None:
     model = create_model(name, num_classes=10).train()
-    logits, features = model(torch.randn(2, 3, 32, 32))
+    features = model.forward_features(torch.randn(2, 3, 32, 32))
+    logits = model.forward_head(features)
     cells = cell_logits(features, model.get_classifier(), SCALES)
     loss = F.cross_entropy(logits, torch.tensor([1, 2])) + cells.square().mean()
     loss.backward()
@@ -260,9 +279,10 @@ def test_channels_last_input_gives_the_same_outputs(name: str) -> None:
     model = create_model(name, num_classes=10).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        logits, features = model(images)
+        logits, features = model(images), model.forward_features(images)
         model = model.to(memory_format=torch.channels_last)
-        logits_cl, features_cl = model(images.to(memory_format=torch.channels_last))
+        images_cl = images.to(memory_format=torch.channels_last)
+        logits_cl, features_cl = model(images_cl), model.forward_features(images_cl)
     assert_close_up_to_scale(logits_cl, logits)
     assert_close_up_to_scale(features_cl, features)
 
@@ -288,7 +308,7 @@ def test_torchvision_wrapper_reproduces_the_original_logits(name: str) -> None:
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = original(images)
-        logits, features = wrapped(images)
+        logits, features = wrapped(images), wrapped.forward_features(images)
         channels = TORCHVISION_FEATURE_CHANNELS[name]
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         assert features.shape == (1, channels, 2, 2)
@@ -318,7 +338,8 @@ def test_convnext_head_is_layer_norm_over_channels_then_linear() -> None:
 def test_create_model_builds_a_torchvision_model() -> None:
     model = create_model("torchvision/mobilenet_v3_small", num_classes=7)
     assert isinstance(model, DistillModel)
-    logits, features = model.eval()(torch.randn(1, 3, 64, 64))
+    images = torch.randn(1, 3, 64, 64)
+    logits, features = model.eval()(images), model.forward_features(images)
     assert logits.shape == (1, 7)
     assert features.shape == (1, 576, 2, 2)
 
@@ -353,3 +374,144 @@ def test_torchvision_model_without_a_global_pool_head_is_refused() -> None:
 
     with pytest.raises(UnsupportedTorchvisionModelError, match=r"\(7, 7\) grid|7 grid"):
         wrap_torchvision_model(GridPooledClassifier())
+
+
+def test_forward_cells_on_a_torchvision_model_starts_with_its_logits() -> None:
+    wrapped = wrap_torchvision_model(torchvision_original("resnet18")).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        cells = wrapped.forward_cells(images, (1, 2))
+        torch.testing.assert_close(cells[:, 0], wrapped(images), rtol=1e-5, atol=1e-5)
+    assert cells.shape == (1, 5, 10)
+
+
+# --- model names, as a spec check sees them ---------------------------------------------------
+
+
+def test_model_name_problem_is_none_for_what_create_model_builds() -> None:
+    assert model_name_problem("resnet8x4") is None
+    assert model_name_problem("mobilenetv1") is None
+    assert model_name_problem("torchvision/resnet18") is None
+
+
+def test_model_name_problem_names_unknown_models_like_create_model() -> None:
+    for name in ("resnet33", "resnet18", "torchvision/resnet51", "zzzz"):
+        with pytest.raises(UnknownModelError) as raised:
+            create_model(name, num_classes=10)
+        assert model_name_problem(name) == str(raised.value)
+    assert "did you mean torchvision/resnet50" in (model_name_problem("torchvision/resnet51") or "")
+
+
+def test_model_name_problem_refuses_unsupported_torchvision_models_without_building_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_build(*args: object, **kwargs: object) -> nn.Module:
+        raise AssertionError("a name check must not build a model")
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_build)
+    problem = model_name_problem("torchvision/vit_b_16")
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith("torchvision model 'vit_b_16' is not supported (")
+    assert "class token" in problem
+    with pytest.raises(UnsupportedTorchvisionModelError) as raised:
+        create_model("torchvision/vit_b_16", num_classes=10, pretrained=True)  # no download
+    assert str(raised.value) == problem
+    assert model_name_problem("torchvision/vgg16") is not None
+
+
+# One model per torchvision family, the smallest; the family is the name's leading letters.
+TORCHVISION_FAMILY_EXAMPLES = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "resnet18",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11",
+    "vit_b_16",
+    "wide_resnet50_2",
+)
+
+
+def torchvision_family(name: str) -> str:
+    return re.match(r"[a-z]+", name).group()  # type: ignore[union-attr]
+
+
+def build_without_weights(name: str) -> nn.Module:
+    """torchvision's ``name`` with no weights, on the meta device (no memory, no init) when the
+    constructor allows it."""
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name, weights=None)
+    except NotImplementedError:  # regnet's constructor reads values out of tensors
+        return torchvision.models.get_model(name, weights=None)
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+def test_the_name_check_agrees_with_the_split_for_every_torchvision_family() -> None:
+    families = {torchvision_family(name) for name in list_torchvision_models(supported_only=False)}
+    assert families == {torchvision_family(name) for name in TORCHVISION_FAMILY_EXAMPLES}, (
+        "a new torchvision family: add one of its models to TORCHVISION_FAMILY_EXAMPLES"
+    )
+    for name in TORCHVISION_FAMILY_EXAMPLES:
+        try:
+            wrap_torchvision_model(build_without_weights(name))
+            splits = True
+        except UnsupportedTorchvisionModelError:
+            splits = False
+        assert (torchvision_support_problem(name) is None) == splits, name
+        assert (model_name_problem(f"torchvision/{name}") is None) == splits, name
+        assert (f"torchvision/{name}" in list_models(include_torchvision=True)) == splits, name
+
+
+# --- ImageNet MobileNetV1 -----------------------------------------------------------------------
+
+
+def test_mobilenetv1_parameter_count_and_layout_equal_mdistiller() -> None:
+    model = create_model("mobilenetv1", num_classes=1000)
+    assert count_parameters(model) == MDISTILLER_IMAGENET_PARAMETER_COUNTS["mobilenetv1"]
+    assert count_parameters(model) / 1e6 == pytest.approx(4.23, abs=0.005)
+    # mdistiller's module names, so its checkpoints load as they are.
+    keys = model.state_dict().keys()
+    assert {"model.0.0.weight", "model.13.3.weight", "model.13.4.running_var", "fc.bias"} <= keys
+    # The stem's conv + BN (5 entries), then 13 blocks of two convs and two BNs.
+    assert len([key for key in keys if key.startswith("model.")]) == 6 + 13 * 12
+
+
+def test_mobilenetv1_gives_7x7_maps_at_224_and_21_cells_on_them() -> None:
+    torch.manual_seed(0)
+    model = create_model("mobilenetv1", num_classes=10).eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        assert features.shape == (1, 1024, 7, 7)
+        assert model.num_features == 1024 and model.num_classes == 10
+        logits = model.forward_head(features)
+        assert logits.shape == (1, 10)
+        cells = cell_logits(features, model.get_classifier(), SCALES)  # 1 + 4 + 16 on 7 x 7
+    assert cells.shape == (1, 21, 10)
+    assert_close_up_to_scale(cells[:, 0], logits)
+
+
+def test_mobilenetv1_forward_and_forward_cells_at_64_pixels() -> None:
+    torch.manual_seed(0)
+    model = create_model("mobilenetv1", num_classes=10).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(images)
+        cells = model.forward_cells(images, SCALES)  # a 2 x 2 map: adaptive cells overlap
+    assert model.forward_features(images).shape == (2, 1024, 2, 2)
+    assert logits.shape == (2, 10) and cells.shape == (2, 21, 10)
+    assert_close_up_to_scale(cells[:, 0], logits)

@@ -187,3 +187,164 @@ def test_spec_yaml_in_repo_matches_embedded_default():
     embedded = root / "sdd_search" / "default_spec.yaml"
     assert (root / "search_spaces" / "quickstart.yaml").read_text() == embedded.read_text()
     assert yaml.safe_load(embedded.read_text())["data"]["dataset"] == "digits"
+
+
+def _write_colour_cifar10(root: Path, per_class: int = 40, test: int = 100) -> None:
+    """A CIFAR-10 in its on-disk layout whose classes are easy (one colour each, plus noise)
+    and whose TEST labels are scrambled: a model can only score chance on test."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (10, 3))
+
+    def images(labels: np.ndarray) -> np.ndarray:
+        pixels = palette[labels][:, :, None] + rng.normal(0, 12, (len(labels), 3, 1024))
+        return np.clip(pixels, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+
+    train_labels = rng.permutation(np.repeat(np.arange(10), per_class))
+    test_labels = rng.permutation(np.repeat(np.arange(10), test // 10))
+    batches = np.array_split(np.arange(len(train_labels)), 5)
+    for number, index in enumerate(batches, start=1):
+        entry = {"data": images(train_labels[index]), "labels": train_labels[index].tolist()}
+        with open(folder / f"data_batch_{number}", "wb") as handle:
+            pickle.dump(entry, handle, protocol=2)
+    scrambled = rng.permutation(test_labels)  # the images are of test_labels; the file lies
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": images(test_labels), "labels": scrambled.tolist()}, handle, protocol=2)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, handle, protocol=2)
+
+
+def _final_runs(uri: str, experiment: str = "sdd-search/tiny") -> list:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`sdd_search.role` = 'final'")
+
+
+_REPORT_ROW = re.compile(
+    r"^(?P<name>[\w-]+)(?: \*champion\*)?\s+(?P<selection>[\d.]+|n/a)\s+(?P<mean>[\d.]+) ± "
+    r"(?P<std>[\d.]+|n/a) \((?P<n>\d+)\)\s+(?P<diff>\(reference\)|[+-][\d.]+ \[[-\d., na/]+\])"
+)
+
+
+def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cache, tmp_path):
+    """Selection never reads the test split (test labels scrambled: the search still scores
+    high on selection, the final stage scores chance on test); every finalist and reference
+    has one run per seed; a driver killed in the final stage and resumed ends with exactly
+    (top_k + 3) x seeds final runs; the printed report equals a direct computation."""
+    _write_colour_cifar10(tmp_path / "data")
+    spec_path = write_spec(
+        {
+            "data": {"dataset": "cifar10", "root": str(tmp_path / "data"), "image_size": 8},
+            "search": {"num_trials": 2, "max_concurrent": 2, "references": False},
+            "final": {"top_k": 1, "seeds": 2},
+        }
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sdd_search", str(spec_path)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def finished() -> int:
+        return sum(r.info.status == "FINISHED" for r in _final_runs(uri))
+
+    deadline = time.time() + 500
+    while time.time() < deadline and finished() < 2:  # 8 final runs, two at a time
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.25)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    assert 2 <= finished() < 8, finished()
+
+    result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    _, children = child_runs(client, "sdd-search/tiny")
+
+    # (a) selection is high, test is chance: nothing that chose read the test labels.
+    searched = [r for r in children if r.data.tags["sdd_search.role"] == "trial"]
+    assert len(searched) == 2
+    assert all(r.data.metrics["val_top1"] > 80.0 for r in searched), [
+        r.data.metrics["val_top1"] for r in searched
+    ]
+    assert all("test_top1" not in r.data.metrics for r in searched)
+    final = [r for r in children if r.data.tags["sdd_search.role"] == "final"]
+    # (b, c) exactly one run per (configuration, seed), each with its test score
+    pairs = sorted(
+        (r.data.tags["sdd_search.final_entry"], r.data.tags["sdd_search.seed"]) for r in final
+    )
+    entries = ["baseline", "finalist-1", "kd", "paper"]
+    assert pairs == [(e, s) for e in entries for s in ("0", "1")]
+    for run in final:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["data.stage"] == "final"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == [1, 2]  # every epoch once, across the kill
+        test_steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")]
+        assert test_steps == [2]  # read once, at the last epoch
+        assert "val_top1" not in run.data.metrics
+    distilled = [r for r in final if r.data.tags["sdd_search.final_entry"] != "baseline"]
+    assert max(r.data.metrics["test_top1"] for r in distilled) < 35.0  # chance is 10 %
+    finalist_sources = {
+        r.data.tags["sdd_search.source_trial"]
+        for r in final
+        if r.data.tags["sdd_search.final_entry"] == "finalist-1"
+    }
+    assert len(finalist_sources) == 1
+    assert finalist_sources <= {r.data.tags["sdd_search.trial_id"] for r in searched}
+
+    # (d) the printed report is a direct computation from the MLflow runs
+    by_entry: dict[str, dict[int, float]] = {}
+    for run in final:
+        tags = run.data.tags
+        by_entry.setdefault(tags["sdd_search.final_entry"], {})[int(tags["sdd_search.seed"])] = (
+            run.data.metrics["test_top1"]
+        )
+    printed = {m["name"]: m for m in map(_REPORT_ROW.match, result.stdout.splitlines()) if m}
+    assert set(printed) == set(entries), result.stdout[-3000:]
+    from scipy import stats
+
+    for name, scores in by_entry.items():
+        values = np.array([scores[s] for s in sorted(scores)])
+        row = printed[name]
+        assert float(row["mean"]) == pytest.approx(values.mean(), abs=0.006)
+        assert float(row["std"]) == pytest.approx(values.std(ddof=1), abs=0.006)
+        assert int(row["n"]) == 2
+        if name == "kd":
+            continue
+        kd = np.array([by_entry["kd"][s] for s in sorted(scores)])
+        diffs = values - kd
+        half = stats.t.ppf(0.975, 1) * diffs.std(ddof=1) / np.sqrt(2)
+        expected = f"{diffs.mean():+.2f} [{diffs.mean() - half:.2f}, {diffs.mean() + half:.2f}]"
+        assert row["diff"] == expected.replace("[nan, nan]", "[n/a, n/a]")
+    assert "*champion*" in result.stdout and "never by test" in result.stdout
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert champion.tags["test_seeds"] == "2"
+    assert float(champion.tags["test_top1_mean"]) == pytest.approx(
+        np.mean(list(by_entry["finalist-1"].values())), abs=1e-3
+    )
+    parent, _ = child_runs(client, "sdd-search/tiny")
+    assert "final/champion_test_top1_mean" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"final_report.txt", "final_report.csv", "final_report.json"} <= artifacts
+
+    # Resuming the finished search runs nothing and prints the report again.
+    again = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(_final_runs(uri)) == 8
+    reprinted = {
+        m["name"]: m.group(0) for m in map(_REPORT_ROW.match, again.stdout.splitlines()) if m
+    }
+    assert reprinted == {name: m.group(0) for name, m in printed.items()}
+    assert len(client.search_model_versions("name='tiny-student'")) == 1

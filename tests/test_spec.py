@@ -118,3 +118,43 @@ def test_presets_and_ready_specs(tmp_path):
         yaml.safe_load((root / "search_spaces" / "quickstart.yaml").read_text())["name"]
         == "quickstart"
     )
+
+
+def test_unsupported_torchvision_student_fails_the_check_not_the_trial(write_spec, capsys):
+    from sdd_search.spec import SpecError
+
+    path = write_spec({"student": {"model": "torchvision/vit_b_16"}})
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"{path}: student.model: torchvision model 'vit_b_16' is not ")
+    assert main([str(path), "--check"]) == 2
+    assert "student.model: torchvision model 'vit_b_16' is not supported" in capsys.readouterr().err
+
+
+def test_checking_a_spec_never_changes_it_and_a_loaded_spec_is_normalised(write_spec):
+    from sdd_search.spec import _check_semantics
+
+    space = {"warmup_epochs": {"low": 0, "high": 5}, "temperature": {"low": 1.0, "high": 8.0}}
+    path = write_spec({"search": {"num_trials": 1, "max_concurrent": 4}, "space": space})
+    spec = load_spec(path)
+    # Normalised as it is built: no more trials at once than trials, whole epochs sampled.
+    assert spec.search.max_concurrent == 1
+    assert spec.space["warmup_epochs"].type == "int"
+    assert spec.space["temperature"].type == "float"
+    # The checks are pure, even on a spec that was never normalised (model_copy skips the
+    # validators): what it says before is what it says after.
+    raw = spec.model_copy(
+        update={
+            "search": spec.search.model_copy(update={"max_concurrent": 4}),
+            "space": {
+                **spec.space,
+                "warmup_epochs": spec.space["warmup_epochs"].model_copy(update={"type": "float"}),
+            },
+        }
+    )
+    before = raw.model_dump()
+    _check_semantics(raw, str(path))
+    assert raw.model_dump() == before
+    assert raw.search.max_concurrent == 4 and raw.space["warmup_epochs"].type == "float"

@@ -16,8 +16,16 @@ from sdd_search.teacher import (
     load_model_file,
     load_teacher,
     save_model_file,
+    teacher_for,
 )
-from sdd_search.train import CHECKPOINT_FILE, load_checkpoint, resolve_device, run_trial
+from sdd_search.train import (
+    CHECKPOINT_FILE,
+    EPOCH_CALLBACKS,
+    TrialCallback,
+    load_checkpoint,
+    resolve_device,
+    run_trial,
+)
 
 
 def tiny_config(tmp_path, **distill) -> TrialConfig:
@@ -81,6 +89,72 @@ def test_baseline_kd_and_sdd_students_train_through_one_loop(trained_teacher):
     # DKD warm-up: the distillation term is ramped in (epoch 1 at half weight).
     assert results["sdd"].history[0]["lr"] == pytest.approx(0.1)
     assert results["sdd"].history[2]["lr"] == pytest.approx(0.01)  # multistep at epoch 2
+
+
+def test_teacher_for_loads_the_configured_teacher_and_run_trial_needs_one(trained_teacher):
+    config, path = trained_teacher
+    teacher = teacher_for(config, log=lambda line: None)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    expected = load_teacher(config.teacher, 10, path).state_dict()
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+    labels_only = config.model_copy(
+        update={"distill": config.distill.model_copy(update={"method": "none"})}
+    )
+    assert teacher_for(labels_only) is None
+    with pytest.raises(ValueError, match="needs a teacher"):
+        run_trial(config)  # run_trial never loads a teacher itself
+
+
+def _labels_only(config: TrialConfig, **train) -> TrialConfig:
+    return config.model_copy(
+        update={
+            "distill": config.distill.model_copy(update={"method": "none"}),
+            "train": config.train.model_copy(update=train),
+        }
+    )
+
+
+def test_lr_warmup_ramps_the_learning_rate_in(tmp_path):
+    """lr_warmup_epochs=3: epochs 1-3 train at lr/3, 2lr/3, lr, then the schedule (constant)."""
+    from sdd_search.train import _lr_lambda
+
+    config = _labels_only(tiny_config(tmp_path), epochs=4, schedule="constant", lr_warmup_epochs=3)
+    factor = _lr_lambda(config.train)
+    assert [factor(completed) for completed in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    history = run_trial(config).history
+    # The reported lr is read after the epoch's schedule step: the lr the next epoch trains at.
+    assert [row["lr"] for row in history] == pytest.approx([0.1 * 2 / 3, 0.1, 0.1, 0.1])
+
+
+class Recorder(TrialCallback):
+    def __init__(self, name: str, calls: list, stop_at: int | None = None):
+        self.name, self.calls, self.stop_at = name, calls, stop_at
+
+    def on_epoch_start(self, config, epoch):
+        self.calls.append((self.name, epoch))
+        if epoch == self.stop_at:
+            raise RuntimeError(f"stopped at epoch {epoch}")
+
+
+def test_callbacks_run_at_each_epoch_start_and_can_stop_the_trial(tmp_path):
+    config = _labels_only(tiny_config(tmp_path), epochs=3)
+    calls: list = []
+    reported: list = []
+    EPOCH_CALLBACKS.append(Recorder("process-wide", calls, stop_at=2))
+    try:
+        with pytest.raises(RuntimeError, match="stopped at epoch 2"):
+            run_trial(
+                config,
+                callbacks=[Recorder("argument", calls)],
+                report=lambda metrics, write: reported.append(metrics["epoch"]),
+            )
+    finally:
+        EPOCH_CALLBACKS.pop()
+    # The argument's callbacks first, then the registry's; epoch 2 never trained.
+    expected = [("argument", 1), ("process-wide", 1), ("argument", 2), ("process-wide", 2)]
+    assert calls == expected
+    assert reported == [1]
 
 
 def test_restart_continues_exactly(trained_teacher, tmp_path):
@@ -203,7 +277,7 @@ def test_data_parallel_ranks_train_evaluate_and_keep_one_model(tmp_path):
     )
     local = evaluate(model, val, torch.device("cpu"))
     assert local["val_top1"] == pytest.approx(ranks[0]["history"][-1]["val_top1"], abs=1e-9)
-    assert info.num_val == 359
+    assert info.num_eval == info.num_selection == 288  # the search stage evaluates on selection
 
 
 def test_fast_path_is_on_by_default_for_cuda_only():

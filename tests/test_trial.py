@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from sdd_search.config import TrialConfig
-from sdd_search.search import HEAD_NODE_RESOURCE, driver_resources
-from sdd_search.trial import (
-    PHASES,
-    ROLE_KEY,
-    TRIAL_KEY,
-    config_of,
-    encode_choice,
-    phase_seconds,
-)
+from sdd_search.overhead import PHASES, phase_seconds
+from sdd_search.space import ROLE_KEY, TRIAL_KEY, config_of, encode_choice
+from sdd_search.tuning import HEAD_NODE_RESOURCE, driver_resources
 
 
 def test_trial_processes_import_no_mlflow_tune_search_or_torch():

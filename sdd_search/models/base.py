@@ -2,14 +2,18 @@
 
 SDD needs two things from a classifier: its last feature map (B x C x H x W, after the final
 activation, before global pooling) and its head (a module mapping pooled vectors ``(..., C)``
-to logits ``(..., K)``). :class:`DistillModel` gives both from one forward pass, timm-style.
+to logits ``(..., K)``). :class:`DistillModel` exposes both with timm's names:
+``forward_features``, ``get_classifier``, ``forward_head``; ``forward`` gives the logits alone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import Tensor, nn
+
+from sdd_search.sdd import cell_logits
 
 
 def global_average_pool(features: Tensor) -> Tensor:
@@ -27,8 +31,9 @@ class DistillModel(nn.Module):
     Subclasses implement :meth:`forward_features` and :meth:`get_classifier` and set
     ``num_classes`` (K) and ``num_features`` (C, the channels of the feature map).
 
-    ``forward(x)`` returns ``(logits, features)``: the global logits B x K and the feature map
-    B x C x H x W they were computed from, so SDD's cell logits cost no second pass.
+    ``forward(x)`` returns the global logits B x K, as timm's models do; SDD's training step
+    takes the feature map from :meth:`forward_features` and pools it itself
+    (:meth:`forward_cells`), so cell 0 costs no second pass.
     """
 
     num_classes: int
@@ -46,10 +51,17 @@ class DistillModel(nn.Module):
         """Feature map B x C x H x W -> global logits B x K (mean-pool, then the head)."""
         return self.get_classifier()(global_average_pool(features))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images -> (global logits B x K, feature map B x C x H' x W') in one pass."""
-        features = self.forward_features(x)
-        return self.forward_head(features), features
+    def forward(self, x: Tensor) -> Tensor:
+        """Images B x 3 x H x W -> global logits B x K."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_cells(self, x: Tensor, scales: Sequence[int] = (1, 2, 4)) -> Tensor:
+        """Images B x 3 x H x W -> SDD's cell logits B x N x K, N = sum(m * m) over ``scales``.
+
+        Cells are ordered by scale, then row-major (:func:`sdd_search.sdd.cell_logits`); with
+        ``scales`` starting at 1, cell 0 is the global cell and equals ``forward(x)``.
+        """
+        return cell_logits(self.forward_features(x), self.get_classifier(), scales)
 
 
 def init_fan_out_normal(model: nn.Module) -> None:

@@ -1,23 +1,19 @@
-"""A timm-style registry: every network registers under a name and one factory builds it.
+"""A timm-style registry: every network registers its constructor under its own name.
 
-    from sdd_search.models import create_model, list_models
+This module only fills and reads the name -> constructor table; building a model by name,
+including the ``torchvision/`` names, is :mod:`sdd_search.models.factory`'s job::
 
-    student = create_model("resnet8x4", num_classes=100)
-    teacher = create_model("torchvision/resnet50", num_classes=1000, pretrained=True)
-
-Names with the ``torchvision/`` prefix are any torchvision classification model, split into
-(features, head) by :mod:`sdd_search.models.torchvision_adapter`.
+    @register_model
+    def resnet8x4(num_classes: int) -> CifarResNet: ...
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sdd_search.models.base import DistillModel
-
-TORCHVISION_PREFIX = "torchvision/"
 
 ModelConstructor = Callable[..., DistillModel]
 ConstructorT = TypeVar("ConstructorT", bound=ModelConstructor)
@@ -26,7 +22,7 @@ _MODEL_CONSTRUCTORS: dict[str, ModelConstructor] = {}
 
 
 class UnknownModelError(ValueError):
-    """Raised by :func:`create_model` for a name that is neither registered nor torchvision's."""
+    """Raised by ``create_model`` for a name that is neither registered nor torchvision's."""
 
 
 def register_model(constructor: ConstructorT) -> ConstructorT:
@@ -42,29 +38,30 @@ def register_model(constructor: ConstructorT) -> ConstructorT:
     return constructor
 
 
-def is_torchvision_name(name: str) -> bool:
-    """True for names such as ``"torchvision/resnet50"`` that :func:`create_model` builds from
-    torchvision instead of the registry."""
-    return name.startswith(TORCHVISION_PREFIX)
+def list_registered_models() -> list[str]:
+    """Sorted names of the registered networks."""
+    return sorted(_MODEL_CONSTRUCTORS)
 
 
-def list_models(include_torchvision: bool = False) -> list[str]:
-    """Sorted names of the registered networks.
+def model_constructor(name: str) -> ModelConstructor | None:
+    """The constructor registered under ``name``, or None."""
+    return _MODEL_CONSTRUCTORS.get(name)
+
+
+def unknown_model_message(
+    name: str,
+    candidates: list[str],
+    shown_as: Callable[[str], str] = str,
+    listed_by: str = "sdd_search.models.list_models()",
+) -> str:
+    """One line naming an unknown model and its close matches among ``candidates``.
 
     Args:
-        include_torchvision: also list every torchvision classification model, as
-            ``"torchvision/<name>"``.
+        name: the name asked for.
+        candidates: the known names to match it against.
+        shown_as: how a matched candidate is spelled in the message.
+        listed_by: the call that lists every known name, named at the end of the message.
     """
-    names = sorted(_MODEL_CONSTRUCTORS)
-    if include_torchvision:
-        from sdd_search.models.torchvision_adapter import list_torchvision_models
-
-        names += [TORCHVISION_PREFIX + name for name in list_torchvision_models()]
-    return names
-
-
-def unknown_model_message(name: str, candidates: list[str], shown_as: Callable[[str], str]) -> str:
-    """One line naming an unknown model and its close matches among ``candidates``."""
     by_lowercase = {candidate.lower(): candidate for candidate in candidates}
     # Case-insensitive, so mdistiller's spellings (ShuffleV1, MobileNetV2) find ours.
     matches = difflib.get_close_matches(name.lower(), list(by_lowercase), n=5, cutoff=0.6)
@@ -73,47 +70,4 @@ def unknown_model_message(name: str, candidates: list[str], shown_as: Callable[[
         if matches
         else ""
     )
-    return f"unknown model {name!r}{suggestion} (sdd_search.models.list_models() lists all)"
-
-
-def create_model(name: str, num_classes: int, **kwargs: Any) -> DistillModel:
-    """Build a model by name.
-
-    Args:
-        name: a registered name (``list_models()``) such as ``"resnet32x4"``, or
-            ``"torchvision/<name>"`` for any torchvision classification model.
-        num_classes: K, the number of logits.
-        **kwargs: passed to the constructor; torchvision models take ``pretrained`` (use
-            torchvision's DEFAULT weights) and ``weights`` (a weights name or enum). Registered
-            models accept ``pretrained=False`` / ``weights=None`` and ignore them.
-
-    Raises:
-        UnknownModelError: for an unknown name, with the close matches in its message.
-        ValueError: for weights requested of a registered (CIFAR) model.
-    """
-    if is_torchvision_name(name):
-        from sdd_search.models.torchvision_adapter import create_torchvision_model
-
-        return create_torchvision_model(
-            name.removeprefix(TORCHVISION_PREFIX), num_classes, **kwargs
-        )
-    constructor = _MODEL_CONSTRUCTORS.get(name)
-    if constructor is None:
-        from sdd_search.models.torchvision_adapter import list_torchvision_models
-
-        # A bare torchvision name (e.g. "resnet50") is a likely slip: suggest its prefixed form.
-        candidates = list(_MODEL_CONSTRUCTORS) + list_torchvision_models()
-
-        def shown_as(match: str) -> str:
-            return match if match in _MODEL_CONSTRUCTORS else TORCHVISION_PREFIX + match
-
-        raise UnknownModelError(unknown_model_message(name, candidates, shown_as))
-    # Callers may pass torchvision's options uniformly; only a request for weights is an error.
-    pretrained = kwargs.pop("pretrained", False)
-    weights = kwargs.pop("weights", None)
-    if pretrained or weights is not None:
-        raise ValueError(
-            f"model {name!r} has no downloadable weights; build it with pretrained=False and "
-            "load a checkpoint (mdistiller's CIFAR teacher state dicts load directly)"
-        )
-    return constructor(num_classes=num_classes, **kwargs)
+    return f"unknown model {name!r}{suggestion} ({listed_by} lists all)"

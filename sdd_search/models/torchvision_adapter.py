@@ -1,7 +1,8 @@
 """Split any torchvision classifier into (features, head), so SDD works on unedited models.
 
     model = create_model("torchvision/resnet50", num_classes=100, pretrained=True)
-    logits, features = model(images)  # features: B x 2048 x H/32 x W/32
+    features = model.forward_features(images)  # B x 2048 x H/32 x W/32
+    logits = model(images)  # B x 100, as the original model computes them
 
 The split is generic: walk the model's top-level children, find the classifier (the last
 child holding an ``nn.Linear``), drop the global pooling and flattening in front of or inside
@@ -10,7 +11,8 @@ it (our mean-pool replaces them), and keep everything the pooled vector still go
 what a model's ``forward`` does outside its children: densenet's final ReLU, inception's input
 re-normalisation, and the auxiliary classifiers to skip. Models without a spatial map behind a
 global pool (vision transformers, VGG/AlexNet's 7x7-grid classifier, squeezenet's conv
-classifier) raise :class:`UnsupportedTorchvisionModelError`.
+classifier) raise :class:`UnsupportedTorchvisionModelError`; :func:`torchvision_support_problem`
+says so from the name alone, before anything is built or downloaded.
 """
 
 from __future__ import annotations
@@ -22,11 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from sdd_search.models.base import DistillModel
-from sdd_search.models.registry import (
-    TORCHVISION_PREFIX,
-    UnknownModelError,
-    unknown_model_message,
-)
 
 # Side-branch classifiers that the model's forward uses only for training losses.
 AUXILIARY_CLASSIFIER_NAMES = frozenset({"AuxLogits", "aux1", "aux2"})
@@ -75,9 +72,31 @@ class TorchvisionDistillModel(DistillModel):
         return self.head
 
 
-# Families whose classifier is not a head over one pooled vector (checked by
-# wrap_torchvision_model, which raises for them); listed so list_models() does not offer them.
-UNSUPPORTED_TORCHVISION_FAMILIES = ("alexnet", "squeezenet", "vgg", "vit_")
+# Name prefix -> why that family's classifier is not a head over one pooled vector. It is what
+# wrap_torchvision_model finds on the built model (a test checks one model per family), said
+# from the name alone, so a spec check or list_models() needs no model built and no download.
+UNSUPPORTED_TORCHVISION_FAMILIES = {
+    "alexnet": "its classifier flattens a 6 x 6 grid of features, not one pooled vector",
+    "squeezenet": "it has no nn.Linear classifier: its convolutional classifier runs before pooling",
+    "vgg": "its classifier flattens a 7 x 7 grid of features, not one pooled vector",
+    "vit_": "a vision transformer classifies a class token and has no spatial feature map",
+}
+
+
+def torchvision_support_problem(name: str) -> str | None:
+    """None if torchvision's model ``name`` splits into (features, global-pool head), else one
+    line saying why not.
+
+    Args:
+        name: a torchvision classification model name without the ``torchvision/`` prefix.
+    """
+    for family, reason in UNSUPPORTED_TORCHVISION_FAMILIES.items():
+        if name.startswith(family):
+            return (
+                f"torchvision model {name!r} is not supported ({reason}; use a convolutional, "
+                "swin or maxvit model)"
+            )
+    return None
 
 
 def list_torchvision_models(supported_only: bool = True) -> list[str]:
@@ -90,7 +109,7 @@ def list_torchvision_models(supported_only: bool = True) -> list[str]:
 
     names = sorted(torchvision.models.list_models(module=torchvision.models))
     if supported_only:
-        names = [name for name in names if not name.startswith(UNSUPPORTED_TORCHVISION_FAMILIES)]
+        names = [name for name in names if torchvision_support_problem(name) is None]
     return names
 
 
@@ -270,7 +289,8 @@ def create_torchvision_model(
     """Build torchvision's ``name`` and split it into (features, head).
 
     Args:
-        name: a torchvision classification model name, e.g. ``"resnet50"``.
+        name: a torchvision classification model name, e.g. ``"resnet50"``
+            (``sdd_search.models.create_model`` has checked that torchvision has it).
         num_classes: K; with pretrained weights of another class count, the last Linear is
             replaced by a freshly initialised one.
         pretrained: use torchvision's DEFAULT weights (downloads them once into the torch
@@ -279,18 +299,14 @@ def create_torchvision_model(
             ``pretrained``.
 
     Raises:
-        UnknownModelError: for a name torchvision does not have.
-        UnsupportedTorchvisionModelError: for a model without a (features, head) split.
+        UnsupportedTorchvisionModelError: for a model without a (features, head) split, before
+            anything is built or downloaded.
     """
     import torchvision
 
-    if name not in list_torchvision_models(supported_only=False):
-        available = list_torchvision_models()
-        raise UnknownModelError(
-            unknown_model_message(
-                TORCHVISION_PREFIX + name, [TORCHVISION_PREFIX + n for n in available], str
-            )
-        )
+    problem = torchvision_support_problem(name)
+    if problem is not None:
+        raise UnsupportedTorchvisionModelError(problem)
     if weights is None and pretrained:
         weights = "DEFAULT"
     if weights is None:
