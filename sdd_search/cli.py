@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdd-search",
         description="Search Scale Decoupled Distillation's knobs with Ray Tune + Optuna; "
-        "train every trial with Ray Train; log everything to MLflow.",
+        "train every trial with Ray Train; log everything to MLflow. "
+        "`sdd-search report SPEC.yaml` prints what a search found, read from MLflow.",
     )
     parser.add_argument(
         "spec",
@@ -36,10 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", help="Ray cluster address (auto, ray://host:10001); default: a local Ray"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, Optuna's and MLflow's own logs (hidden by default but for "
+        "warnings that need you, e.g. a trial that cannot be placed)",
+    )
     return parser
 
 
+def _set_up_output(verbose: bool) -> None:
+    """Ray's environment, before Ray is imported (the live view's module imports it); without
+    -v, no chatter from Ray, Optuna or MLflow (sdd_search.live_view.hide_chatter)."""
+    from sdd_search.ray_compat import apply_ray_env_defaults
+
+    apply_ray_env_defaults()
+    if not verbose:
+        from sdd_search.live_view import hide_chatter
+
+        hide_chatter()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":  # `sdd-search report SPEC.yaml`: its own arguments
+        from sdd_search.report import main as report_main
+
+        return report_main(argv[1:])
+    return search(argv)
+
+
+def search(argv: list[str]) -> int:
+    """``sdd-search SPEC.yaml [--check] [--resume] ...``: check, run or resume a search."""
     args = build_parser().parse_args(argv)
     spec_path = Path(args.spec) if args.spec else default_spec_path()
     try:
@@ -52,41 +83,45 @@ def main(argv: list[str] | None = None) -> int:
         print("spec OK")
         return 0
 
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
+    _set_up_output(args.verbose)
+    from sdd_search.driver_lock import DriverLockError
     from sdd_search.leaderboard import format_leaderboard
     from sdd_search.ray_compat import RayCompatError
+    from sdd_search.report import final_heading, leaderboard_heading
     from sdd_search.search import SearchError, run_search  # Ray's settings: run_search's own
     from sdd_search.teacher import TeacherError
+    from sdd_search.tracking import runs_page
+    from sdd_search.tracking_buffer import TrackingUnavailableError
+    from sdd_search.tuning import SearchInterrupted
 
     try:
         outcome = run_search(
             spec, resume=args.resume, address=args.address, spec_text=spec_path.read_text()
         )
-    except (SearchError, TeacherError, RayCompatError) as error:
+    except (SearchError, TeacherError, RayCompatError, DriverLockError) as error:
         print(f"sdd-search: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except TrackingUnavailableError as error:
+        if not error.resumable:  # at the start: nothing ran
+            print(f"sdd-search: error: {error}", file=sys.stderr)
+            return 2
+        again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
+        command = shlex.join(["sdd-search", *again, "--resume"])
+        print(f"sdd-search: error: {error}; nothing registered; then: {command}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
+    except (KeyboardInterrupt, SearchInterrupted):
+        again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
+        command = shlex.join(["sdd-search", *again, "--resume"])
         print(
-            f"\nsdd-search: interrupted; continue with: sdd-search {spec_path} --resume",
+            f"\nsdd-search: interrupted; nothing registered; continue with: {command}",
             file=sys.stderr,
         )
         return 130
     print()
-    epochs = spec.search_trial.train.epochs
-    print(
-        f"Leaderboard ({spec.search.mode} {spec.search.metric} on the selection split, held out "
-        f"from training; one seed each, {epochs}-epoch search schedule; "
-        "[baseline] = no teacher, [kd] = plain KD):"
-    )
+    print(leaderboard_heading(spec))  # the report prints the same lines (sdd_search.report)
     print(format_leaderboard(outcome.leaderboard))
     if outcome.final_report:
-        seeds = spec.final.seeds
-        print(
-            f"\nFinal stage ({spec.train.epochs} epochs on all the training data, {seeds} seeds "
-            "each, scored once on the test split at the last epoch):"
-        )
+        print(f"\n{final_heading(spec)}")
         print(outcome.final_report)
     if outcome.best_student_path:
         print(f"\nbest student: {outcome.best_student_path}")
@@ -108,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         if "report_seconds_per_epoch" in o:
             print(f"  checkpoint + report per epoch: {o['report_seconds_per_epoch']:.3f}s")
     print(f"search wall time: {outcome.wall_seconds:.0f}s; results in {outcome.experiment_path}")
-    uri = outcome.tracking_uri
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-    print(f"browse every trial: {ui}")
+    print(f"browse every trial: {runs_page(outcome.tracking_uri, outcome.experiment_id)}")
+    again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
+    print(f"again, without Ray: {shlex.join(['sdd-search', 'report', *again])} [--format csv]")
     return 0
 
 

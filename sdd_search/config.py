@@ -37,7 +37,16 @@ class DataConfig(StrictModel):
     """Which dataset, where it lives, how it is loaded."""
 
     dataset: Literal["digits", "cifar100", "cifar10", "imagefolder", "synthetic"] = "digits"
-    root: str | None = Field(None, description="dataset folder (cifar*/imagefolder)")
+    root: str | None = Field(
+        None,
+        description="dataset folder (cifar*/imagefolder), or an object-store URI (s3://, gs://) "
+        "each node copies once into cache_dir (sdd_search.remote)",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where each node keeps its copy of a remote root; None = "
+        "$SDD_SEARCH_CACHE/data or ~/.cache/sdd-search/data, read on the node",
+    )
     download: bool = Field(False, description="allow torchvision to download CIFAR into root")
     image_size: int | None = Field(None, ge=8, description="pixels; None = the dataset's default")
     num_workers: int = Field(4, ge=0, description="file-reading workers (imagefolder only)")
@@ -61,7 +70,7 @@ class DataConfig(StrictModel):
     def _root_needed(self) -> DataConfig:
         if self.dataset == "imagefolder" and not self.root:
             raise ValueError(
-                "data.root is required for dataset imagefolder (train/ and val/ below it)"
+                "data.root: required for dataset imagefolder (train/ and val/ below it)"
             )
         return self
 
@@ -140,7 +149,16 @@ class TeacherConfig(StrictModel):
 
     model: str = "resnet56"
     source: Literal["train", "checkpoint", "torchvision"] = "train"
-    checkpoint: str | None = Field(None, description="path for source=checkpoint")
+    checkpoint: str | None = Field(
+        None,
+        description="for source=checkpoint: a path, or a URL (s3://, gs://, https://; "
+        "ARCHIVE.tar#MEMBER for one file inside a tar) downloaded once into cache_dir",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="optional sha256 of the checkpoint file (of MEMBER for ARCHIVE.tar#MEMBER)",
+    )
     weights: str = Field("DEFAULT", description="torchvision weights enum name")
     train: TrainConfig | None = Field(None, description="recipe for source=train; None = trial's")
     cache_dir: str | None = Field(
@@ -150,9 +168,12 @@ class TeacherConfig(StrictModel):
     @model_validator(mode="after")
     def _source_fields(self) -> TeacherConfig:
         if self.source == "checkpoint" and not self.checkpoint:
-            raise ValueError("teacher.checkpoint is required when teacher.source is checkpoint")
+            raise ValueError("teacher.checkpoint: required when teacher.source is checkpoint")
         if self.source == "torchvision" and not self.model.startswith("torchvision/"):
-            raise ValueError("teacher.source torchvision needs a torchvision/<name> model")
+            raise ValueError(
+                "teacher.model: teacher.source torchvision needs a torchvision/<name> model, "
+                f"got {self.model!r}"
+            )
         return self
 
 

@@ -75,7 +75,9 @@ def fit(spec: Spec, trainable, callback, resume: bool, ranked_rows: list[dict]):
     """Run (or resume) the final stage's Tune experiment; its ResultGrid."""
     entries = final_entries(finalists(spec, ranked_rows), spec.final.references, seeds(spec))
     experiment = tuning.final_experiment(spec, entries)
-    return tuning.fit("final", spec, trainable, experiment, callback, resume)
+    results = tuning.fit("final", spec, trainable, experiment, callback, resume)
+    tuning.require_complete("final", results, len(entries), callback)
+    return results
 
 
 def result_checkpoints(results) -> dict[tuple[str, int], tuple[str, str | None]]:

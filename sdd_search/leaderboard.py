@@ -1,13 +1,14 @@
 """The leaderboard: one row per trial, ranked by the spec's metric and mode.
 
-Rows are plain dicts built from Tune's results; ranking, the students registration takes and
+Rows are plain dicts built from Tune's results (or, by ``sdd-search report``, from the
+search's MLflow runs: the same fields); ranking, the students registration takes and
 the printed table are pure functions of them (no Ray import), so they are tested without a
 cluster. A row::
 
     trial         Tune's trial id
     name          the trial's one name (Tune, MLflow, here): trial-<id>, baseline, kd
     role          "search" or the reference's name
-    status        done | error | nan (a non-finite loss stopped it)
+    status        done | error | nan (a non-finite loss stopped it); from MLflow also running
     epochs        epochs trained
     val_top1      last epoch's validation top-1 (percent); best_val_top1 the best epoch's
     metric        the spec's search.metric; metric_final its last value, metric_best its best
@@ -18,16 +19,20 @@ cluster. A row::
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from sdd_search.space import (
     BASE_SPECIFIC,
+    REFERENCE_NAMES,
     SEARCH_ROLE,
+    SEARCHABLE,
     role_of,
     searched_params,
     trial_display_name,
 )
+from sdd_search.tracking import TAG_REASON, TAG_ROLE, TAG_STATUS, TAG_TRIAL
 
 NAN = float("nan")
 
@@ -62,6 +67,88 @@ def result_rows(results, metric: str, mode: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+SCHEDULER_STOP = "early-stopped by the scheduler"  # how the MLflow callback words an ASHA stop
+
+
+def rows_from_mlflow(runs, metric: str, mode: str, history) -> list[dict[str, Any]]:
+    """Rows of a search's MLflow trial runs (its ``trial`` and ``reference`` children), as
+    :func:`result_rows` builds them from Tune: what ``sdd-search report`` prints. Searched
+    trials in the order they started, then the references (baseline, kd); ``checkpoint`` is
+    None (MLflow does not hold Tune's checkpoint paths).
+
+    ``history(run_id, key)``: that run's logged values of ``key`` (objects with ``step`` and
+    ``value``), e.g. ``MlflowClient.get_metric_history``. A trial still training has status
+    ``running``.
+    """
+    searched = sorted(
+        (r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"),
+        key=lambda r: r.info.start_time or 0,
+    )
+    references = sorted(
+        (r for r in runs if r.data.tags.get(TAG_ROLE) == "reference"),
+        key=lambda r: _reference_order(r.info.run_name),
+    )
+    return [_mlflow_row(run, metric, mode, history) for run in searched + references]
+
+
+def _reference_order(name: str) -> int:
+    """Tune's order of the references (its grid over REFERENCE_NAMES)."""
+    return REFERENCE_NAMES.index(name) if name in REFERENCE_NAMES else len(REFERENCE_NAMES)
+
+
+def _mlflow_row(run, metric: str, mode: str, history) -> dict[str, Any]:
+    tags, latest = run.data.tags, run.data.metrics
+    curves = {key: history(run.info.run_id, key) for key in {"val_top1", metric}}
+    status = _mlflow_status(run)
+    diverged = status == "nan"  # Tune's last result then holds NaN, not an epoch's value
+    return {
+        "trial": tags.get(TAG_TRIAL, ""),
+        "name": run.info.run_name,
+        "role": SEARCH_ROLE if tags.get(TAG_ROLE) == "trial" else run.info.run_name,
+        "status": status,
+        "epochs": max((int(m.step) for m in curves["val_top1"]), default=0),
+        "val_top1": NAN if diverged else float(latest.get("val_top1", NAN)),
+        "best_val_top1": _best_logged(curves["val_top1"], "max"),
+        "metric": metric,
+        "metric_final": NAN if diverged else float(latest.get(metric, NAN)),
+        "metric_best": _best_logged(curves[metric], mode),
+        "params": {
+            k.removeprefix("knob."): _decode_param(v)
+            for k, v in run.data.params.items()
+            if k.startswith("knob.")
+        },
+        "checkpoint": None,
+    }
+
+
+def _mlflow_status(run) -> str:
+    """result_rows' status of a trial from its MLflow run: done | error | nan | running."""
+    tagged = run.data.tags.get(TAG_STATUS, "")
+    reason = run.data.tags.get(TAG_REASON, "")
+    if run.info.status == "FAILED" or tagged == "failed":
+        return "error"
+    if tagged == "stopped" and not reason.startswith(SCHEDULER_STOP):
+        return "nan"  # a non-finite loss ended it (the callback's reason is the loss error)
+    if tagged in ("completed", "stopped"):
+        return "done"
+    return "running"
+
+
+def _best_logged(values, mode: str) -> float:
+    numbers = [float(m.value) for m in values if not math.isnan(float(m.value))]
+    if not numbers:
+        return NAN
+    return max(numbers) if mode == "max" else min(numbers)
+
+
+def _decode_param(text: str) -> Any:
+    """A knob as MLflow holds it (str() of a scalar, JSON of a list) back to its value."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def _best(frame, column: str, mode: str) -> float:
@@ -112,13 +199,7 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         searched = row["role"] == SEARCH_ROLE
         rank += searched
-        base = row["params"].get("base")
-        shown = {  # a knob of another base loss was not used by this trial
-            k: v
-            for k, v in row["params"].items()
-            if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
-        }
-        knobs = ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "(spec values)"
+        knobs = knobs_text(row["params"])
         name = row["name"] if searched else f"[{row['name']}]"
         place = str(rank) if searched else "-"  # references are yardsticks, not ranked
         value = f" {_short(row['metric_final']):>12}" if extra else ""
@@ -128,6 +209,23 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
             f"{knobs}{'' if row['status'] == 'done' else '  (' + row['status'] + ')'}"
         )
     return "\n".join(lines)
+
+
+def knobs_text(params: dict[str, Any]) -> str:
+    """The knobs a trial used, as the table shows them: ``scales=[1, 2], temperature=4``
+    in the knob table's order (one order, from Tune or MLflow); a knob of another base loss
+    than the trial's is left out; "(spec values)" when none was searched."""
+    base = params.get("base")
+    shown = [
+        f"{k}={_short(params[k])}"
+        for k in sorted(params, key=_knob_order)
+        if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
+    ]
+    return ", ".join(shown) or "(spec values)"
+
+
+def _knob_order(knob: str) -> int:
+    return list(SEARCHABLE).index(knob) if knob in SEARCHABLE else len(SEARCHABLE)
 
 
 def _short(value: Any) -> str:

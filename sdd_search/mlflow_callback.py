@@ -4,6 +4,13 @@ A nested MLflow run per trial (see :mod:`sdd_search.tracking`): its knobs and wh
 configuration as params, one step per epoch, where rank 0 trained as ``sys.*`` tags, and how
 it ended (completed, stopped by the scheduler or a non-finite loss, failed with a one-line
 reason). It also keeps each trial's wall-clock marks for :func:`sdd_search.overhead.summarise`.
+
+Every MLflow call goes through a :class:`sdd_search.tracking_buffer.TrackingBuffer` as a small
+operation (open a run, log an epoch, set tags, end a run), in the order Tune reported: while the
+tracking server is away the trials keep training and the operations wait, and once it is back
+every epoch is logged once. An epoch is logged only if the run holds no later one: a replayed
+epoch after a restart is dropped, and so is an epoch trained again after its trial fell back to
+an older checkpoint (``sdd_search.restore``): MLflow keeps the values it first logged for it.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from sdd_search.tracking import (
     TAG_SEED,
     TAG_SELECTION_SCORE,
     TAG_SOURCE_TRIAL,
+    TAG_STATUS,
     SearchTracker,
     flatten,
 )
+from sdd_search.tracking_buffer import TrackingBuffer, TrackingUnavailableError
 from sdd_search.trial import TIMING_PREFIX, WORKER_FACTS
 
 # The result keys logged as per-epoch MLflow metrics.
@@ -57,20 +66,38 @@ class MlflowTrialCallback(Callback):
     """Tune callback: a nested MLflow run per trial with params, per-epoch metrics and status.
 
     ``uri``: the MLflow tracking URI; ``experiment``: the MLflow experiment's name;
-    ``search_id``: the search's experiment path (tags its runs). Picklable (Tune stores its callbacks in the experiment
-    state): the MLflow client is made lazily from these plain settings.
+    ``search_id``: the search's experiment path (tags its runs); ``outage_seconds``: how long
+    the tracking server may stay away before the search stops (``tracking.outage_seconds``).
+    Picklable (Tune stores its callbacks in the experiment state): the MLflow client is made
+    lazily from these plain settings; what waits for the server is saved with Tune's state.
     """
 
-    def __init__(self, uri: str, experiment: str, search_id: str):
+    def __init__(self, uri: str, experiment: str, search_id: str, outage_seconds: float = 600.0):
         self.uri, self.experiment, self.search_id = uri, experiment, search_id
         self._tracker: SearchTracker | None = None
+        self.buffer = TrackingBuffer(outage_seconds, uri)
+        self._opened: set[str] = set()  # trials whose run this driver opened
+        self._stopped = False  # the server stayed away too long: nothing more is tried
         # trial id -> wall-clock marks (seconds since the epoch) and summed loop seconds
         self.timings: dict[str, dict[str, float]] = {}
         self.logged_epochs: dict[str, int] = {}
+        self.ended: set[str] = set()  # trials that ended in this driver
         self.fit_started = time.time()
 
     def setup(self, **info):
         self.fit_started = time.time()
+
+    def has_ended(self, trial_id: str) -> bool:
+        """Whether a trial ran to its end (completed, stopped early or failed for good): in
+        this driver, or in an earlier one, as its MLflow run's status tag says. A trial that an
+        interrupted fit left running has not."""
+        if trial_id in self.ended:
+            return True
+        run_id = self.tracker.run_id_of(trial_id)
+        if run_id is None:
+            return False
+        status = self.tracker.client.get_run(run_id).data.tags.get(TAG_STATUS)
+        return status in ("completed", "stopped", "failed")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -80,11 +107,41 @@ class MlflowTrialCallback(Callback):
     @property
     def tracker(self) -> SearchTracker:
         if self._tracker is None:
-            self._tracker = SearchTracker(self.uri, self.experiment, self.search_id)
-            self._tracker.start_parent("", {}, "", "")
+            tracker = SearchTracker(self.uri, self.experiment, self.search_id)
+            tracker.start_parent("", {}, "", "")
+            self._tracker = tracker  # only once the server answered both
         return self._tracker
 
-    def _run(self, trial) -> str:
+    # -- the operations, sent in order through the buffer -----------------------------------
+
+    def _submit(self, *operation) -> None:
+        if not self._stopped:
+            self.buffer.submit(operation, self._send)
+
+    def _send(self, operation: tuple) -> None:
+        """Perform one operation: ("run", trial id, name, role, params, tags), ("epoch", trial
+        id, epoch, metrics, timestamp ms), ("tags", trial id, tags) or ("end", trial id,
+        status, reason)."""
+        kind, trial_id, *args = operation
+        if kind == "run":
+            self.tracker.trial_run(trial_id, *args)
+            return
+        run_id = self.tracker.run_id_of(trial_id)
+        if run_id is None:  # never opened (an operation of a run that no store holds)
+            return
+        if kind == "epoch":
+            epoch, metrics, timestamp_ms = args
+            if epoch <= self._logged_epoch(trial_id, run_id):
+                return  # a replay after a restart, or redone after a fallback: MLflow has it
+            self.tracker.log_epoch(run_id, metrics, step=epoch, timestamp_ms=timestamp_ms)
+            self.logged_epochs[trial_id] = epoch
+        elif kind == "tags":
+            self.tracker.set_tags(run_id, args[0])
+        elif kind == "end":
+            self.tracker.end_trial(run_id, *args)
+
+    def _run(self, trial) -> None:
+        """Open the trial's MLflow run: created once, found again (and marked running) after."""
         config = trial.config
         params = {
             **{f"knob.{k}": v for k, v in searched_params(config).items()},
@@ -92,13 +149,56 @@ class MlflowTrialCallback(Callback):
         }
         role = {SEARCH_ROLE: "trial", FINAL_ROLE: "final"}.get(role_of(config), "reference")
         name = trial_display_name(config, trial.trial_id)
-        return self.tracker.trial_run(trial.trial_id, name, role, params, _final_tags(config))
+        self._opened.add(trial.trial_id)
+        self._submit("run", trial.trial_id, name, role, params, _final_tags(config))
+
+    def _open(self, trial) -> None:
+        if trial.trial_id not in self._opened:
+            self._run(trial)
+
+    def get_state(self) -> dict:
+        """What waits for the tracking server: Tune saves it with the experiment's state."""
+        return {"pending": list(self.buffer.pending)}
+
+    def set_state(self, state: dict) -> None:
+        self.buffer.restore(state.get("pending", []))
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Try again what waits (when due); stop the search once the server stayed away too
+        long (raised here, in Tune's loop, it ends the fit; Tune's last saved state resumes)."""
+        if self._stopped:
+            return
+        self.buffer.flush(self._send)
+        try:
+            self.buffer.check()
+        except TrackingUnavailableError:
+            self._stopped = True
+            raise
+
+    def on_experiment_end(self, trials, **info):
+        """Send everything before the fit returns (the search reads MLflow next). A fit that
+        ended with trials unfinished (Ctrl-C) does not wait for the server: Tune saved what
+        waits with its state just before, and the resumed driver sends it."""
+        if self._stopped:
+            return
+        if any(getattr(t, "status", "TERMINATED") not in ("TERMINATED", "ERROR") for t in trials):
+            self.buffer.flush(self._send, now=True)
+            return
+        try:
+            self.buffer.drain(self._send)
+        except TrackingUnavailableError:
+            self._stopped = True
+            raise
+
+    # -- what Tune reports -------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
+        self._run(trial)
         self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
-        self.tracker.set_tags(
-            run_id, {"sdd_search.status": "running", "ray.trial_path": trial.path or ""}
+        self._submit(
+            "tags",
+            trial.trial_id,
+            {"sdd_search.status": "running", "ray.trial_path": trial.path or ""},
         )
 
     def on_trial_restore(self, iteration, trials, trial, **info):
@@ -112,22 +212,20 @@ class MlflowTrialCallback(Callback):
         return self.logged_epochs[trial_id]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run(trial)
+        self._open(trial)
         if result.get("nonfinite_loss"):
             return
         epoch = int(result.get("epoch", 0) or 0)
-        if epoch <= self._logged_epoch(trial.trial_id, run_id):
-            return  # a replay after a restart: MLflow has this epoch already
-        self.logged_epochs[trial.trial_id] = epoch
         keep = {k: v for k, v in result.items() if k in LOGGED_METRICS}
-        self.tracker.log_epoch(run_id, keep, step=epoch, timestamp_ms=int(time.time() * 1000))
+        # The timestamp is the result's: sent again after a lost answer, it is the same metric.
+        self._submit("epoch", trial.trial_id, epoch, keep, int(time.time() * 1000))
         # Where rank 0 trains (its first epoch after every start, so a restart on another node
-        # updates them), and the world size.
+        # updates them), the world size, and how a restart found its checkpoints.
         tags = {tag: str(result[key]) for key, tag in WORKER_FACTS.items() if key in result}
         if "world_size" in result:
             tags["sys.world_size"] = str(int(result["world_size"]))
         if tags:
-            self.tracker.set_tags(run_id, tags)
+            self._submit("tags", trial.trial_id, tags)
         if not result.get("replayed"):
             self._time(trial.trial_id, result)
 
@@ -149,31 +247,32 @@ class MlflowTrialCallback(Callback):
             timing["trial_started"] = min(timing["trial_started"], created)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
+        self._open(trial)
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0) or 0)
         epochs = config_of(trial.config).train.epochs  # the trial's own: the search may be shorter
         timing = self.timings.setdefault(trial.trial_id, {"trial_started": time.time()})
         timing["trial_ended"] = time.time()
+        self.ended.add(trial.trial_id)
         if last.get("nonfinite_loss"):
-            self.tracker.end_trial(run_id, "STOPPED", last.get("stop_reason", "non-finite loss"))
+            ending = ("STOPPED", last.get("stop_reason", "non-finite loss"))
         elif epoch >= epochs:
-            self.tracker.end_trial(run_id, "COMPLETED")
+            ending = ("COMPLETED", None)
         else:
-            self.tracker.end_trial(
-                run_id,
-                "STOPPED",
-                f"early-stopped by the scheduler after epoch {epoch} of {epochs}",
-            )
+            ending = ("STOPPED", f"early-stopped by the scheduler after epoch {epoch} of {epochs}")
+        self._submit("end", trial.trial_id, *ending)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        self.tracker.end_trial(run_id, "FAILED", error_summary(trial))
+        self._open(trial)
+        self.ended.add(trial.trial_id)
+        self._submit("end", trial.trial_id, "FAILED", error_summary(trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        self.tracker.set_tags(
-            run_id, {"sdd_search.retried": "yes", "sdd_search.last_error": error_summary(trial)}
+        self._open(trial)
+        self._submit(
+            "tags",
+            trial.trial_id,
+            {"sdd_search.retried": "yes", "sdd_search.last_error": error_summary(trial)},
         )
 
 

@@ -123,6 +123,8 @@ def _count(n: float) -> str:
 
 
 def _hours(hours: float) -> str:
+    if hours < 0.05:
+        return "<0.1"
     return f"{hours:,.0f}" if hours >= 10 else f"{hours:.1f}"
 
 
@@ -179,12 +181,27 @@ def describe_search(spec: Spec) -> str:
             f"{spec.train.epochs}-epoch recipe"
         )
         if spec.distill.warmup_epochs:
-            fidelity += f", kd warm-up {spec.search_trial.distill.warmup_epochs} epochs"
+            warmup = spec.search_trial.distill.warmup_epochs
+            fidelity += f", kd warm-up {spec.distill.warmup_epochs} -> {warmup} epochs"
     return (
         f"search      {spec.name}: {search.num_trials} trials{references}, "
         f"{search.max_concurrent} at once, {search.sampler.upper()} sampler (seed {search.seed}), "
         f"{scheduler}, {search.mode} {search.metric} on the selection split\n"
         f"{_PAD}{fidelity}"
+    )
+
+
+def describe_distill(spec: Spec) -> str:
+    distill = spec.distill
+    extra = {
+        "dkd": f" alpha={distill.dkd_alpha} beta={distill.dkd_beta}",
+        "nkd": f" gamma={distill.nkd_gamma}",
+    }.get(distill.base, "")
+    warmup = f" warm-up={distill.warmup_epochs}" if distill.warmup_epochs else ""
+    return (
+        f"distill     {distill.method} base={distill.base} scales={distill.scales} "
+        f"T={distill.temperature}{extra} complementary={distill.complementary_weight} "
+        f"ce={distill.ce_weight} kd={distill.kd_weight}{warmup}"
     )
 
 
@@ -224,7 +241,11 @@ def describe_cost(spec: Spec, cost: Cost) -> str:
         return line
     hours = cost.gpu_hours
     if hours is None:
-        why = "the image count is unknown" if images is None else f"no figure for {cost.image_size} px"
+        why = (
+            "the image count is unknown"
+            if images is None
+            else f"no figure for {cost.image_size} px"
+        )
         return f"{line}\n{_PAD}no GPU-hour estimate: {why} (plan.THROUGHPUT_IMG_PER_S)"
     return (
         f"{line}\n{_PAD}estimate ~{_hours(hours)} GPU-hours at {cost.img_per_s:,.0f} img/s per GPU "
@@ -237,7 +258,7 @@ def resolved_plan(spec: Spec) -> str:
     """A human-readable summary printed by ``--check`` and at the start of a search."""
     info, data_line = describe_data(spec)
     teacher = spec.teacher
-    distill, train, resources = spec.distill, spec.train, spec.resources
+    train, resources = spec.train, spec.resources
     lines = [
         describe_search(spec),
         data_line,
@@ -246,9 +267,7 @@ def resolved_plan(spec: Spec) -> str:
         + (f": {teacher.weights}" if teacher.source == "torchvision" else "")
         + ")",
         f"student     {spec.student.model}",
-        f"distill     {distill.method} base={distill.base} scales={distill.scales} "
-        f"T={distill.temperature} complementary={distill.complementary_weight} "
-        f"ce={distill.ce_weight} kd={distill.kd_weight}",
+        describe_distill(spec),
         f"train       {train.epochs} epochs, batch {train.batch_size}, lr {train.lr}, "
         f"wd {train.weight_decay}, {train.schedule}",
         f"resources   {resources.workers} worker(s) x ({resources.cpus_per_worker} CPU, "

@@ -17,7 +17,7 @@ import warnings
 # Read when Ray (ray.train, ray._private) is imported or a Tuner fits: set before either.
 RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",  # Train V2: the trainers and callbacks below are V2's
-    "RAY_AIR_NEW_OUTPUT": "0",  # the classic trial table, which takes chosen columns
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic output, silenced (verbose=0): sdd_search.live_view
     "RAY_DEDUP_LOGS": "1",
 }
 # Ray Train settings for a Ray this search starts itself (one machine; a cluster keeps Ray's
@@ -66,7 +66,8 @@ def _upgrade_hint() -> str:
 
 
 def use_callbacks_after_restore(tuner, callbacks: list) -> None:
-    """Make a Tuner restored by ``Tuner.restore`` call ``callbacks`` (this run's objects).
+    """Make a Tuner restored by ``Tuner.restore`` call ``callbacks`` (this run's objects), and
+    print nothing of its own (the live view among ``callbacks`` reports).
 
     ``Tuner.restore`` takes no run config: the restored one holds unpickled copies of the
     first run's callbacks, whose state (the MLflow callback's timings) this run never sees.
@@ -84,6 +85,8 @@ def use_callbacks_after_restore(tuner, callbacks: list) -> None:
             f"its MLflow callback; {_upgrade_hint()}"
         ) from error
     run_config.callbacks = list(callbacks)
+    # And no Tune table of its own, which a search started by an earlier sdd-search printed.
+    run_config.verbose, run_config.progress_reporter = 0, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,15 @@ def load_student(checkpoint_path: str):
     return model.eval(), state
 
 
+def _checkpoint_uri(spec: Spec, path: str) -> str:
+    """A trial's checkpoint as Ray opens it: Train names a checkpoint in a bucket by its path
+    there (``bucket/prefix/...``), without the storage's scheme (``s3://``)."""
+    storage = spec.storage_uri()
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return path
+
+
 def register_best(
     spec: Spec, tracker: SearchTracker, ranked_rows: list[dict], info, num_classes: int
 ) -> tuple[list[tuple[str, str]], str | None]:
@@ -116,7 +125,7 @@ def register(
         run_id = tracker.run_id_of(pick["trial"])
         if run_id is None or not pick["checkpoint"]:
             continue
-        model, _ = load_student(pick["checkpoint"])
+        model, _ = load_student(_checkpoint_uri(spec, pick["checkpoint"]))
         if not registered and best_path:
             save_model_file(best_path, model, spec.student.model, num_classes)
         name = spec.registered_model_name

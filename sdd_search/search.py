@@ -16,13 +16,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdd_search import final_report, final_stage, leaderboard, overhead, tuning
+from sdd_search import driver_lock, final_report, final_stage, leaderboard, overhead, tuning
 from sdd_search.config import TrialConfig
+from sdd_search.figures import make_figures
 from sdd_search.plan import resolved_plan
 from sdd_search.ray_compat import apply_ray_env_defaults, missing
 from sdd_search.registration import register_best, register_finalists
+from sdd_search.report import write_record
+from sdd_search.space import REFERENCE_NAMES
 from sdd_search.spec import Spec
-from sdd_search.tracking import SearchTracker
+from sdd_search.tracking import TAG_OUTCOME, SearchTracker
+from sdd_search.tracking_buffer import TrackingUnavailableError, check_reachable
 
 
 class SearchError(RuntimeError):
@@ -43,6 +47,7 @@ class SearchOutcome:
     wall_seconds: float = 0.0  # the whole search, seconds
     overhead: dict[str, float] = field(default_factory=dict)  # overhead.summarise's figures
     final_report: str | None = None  # the final stage's report as printed (None: no stage)
+    experiment_id: str = ""  # the MLflow experiment's id (the UI's runs page)
 
 
 def run_search(
@@ -57,11 +62,19 @@ def run_search(
 
     ``resume``: continue the search of this name under the spec's storage; ``address``: a Ray
     cluster to join ("auto", "ray://host:10001"), None = a fresh local Ray; ``spec_text``: the
-    YAML as written (an MLflow artifact); ``log``: where progress lines go.
+    YAML as written (an MLflow artifact); ``log``: where progress lines go. One driver per
+    search: its lock (:mod:`sdd_search.driver_lock`) is held throughout, before Ray starts.
     """
+    with driver_lock.hold(spec.experiment_path(), spec.name, log=log):
+        return _run_search(spec, resume=resume, address=address, spec_text=spec_text, log=log)
+
+
+def _run_search(spec: Spec, *, resume: bool, address: str | None, spec_text: str, log):
+    """:func:`run_search` under its driver lock."""
     started = time.time()
     apply_ray_env_defaults()  # before Ray is imported: ray.train reads RAY_TRAIN_V2_ENABLED
     _check_storage(spec, resume)
+    check_reachable(spec.tracking.uri)  # a server that does not answer: one line, before Ray
     log(resolved_plan(spec))
     for name, loss in missing().items():
         log(f"warning: this Ray lacks {name} (sdd_search/ray_compat.py): {loss}")
@@ -81,11 +94,16 @@ def run_search(
             final_stage.fit(spec, trainable, callback, resume, search_rows) if spec.final else None
         )
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except TrackingUnavailableError:
+        status = "UNREACHABLE"  # the server is away: no more MLflow calls; --resume sends them
+        raise
+    except (KeyboardInterrupt, tuning.SearchInterrupted):
+        # Nothing is registered and no alias moves: only a search that ran to its end does.
+        tracker.set_tags(tracker.parent_run_id, {TAG_OUTCOME: "interrupted"})
         status = "KILLED"
         raise
     finally:
-        if status != "FINISHED":
+        if status not in ("FINISHED", "UNREACHABLE"):
             tracker.finish_parent(status)
 
     rows = search_rows + reference_rows
@@ -93,8 +111,10 @@ def run_search(
     registered, best_path, timing = _finish(
         spec, tracker, rows, search_rows, info, callback, (final, report) if final else None
     )
+    _figures(spec, tracker, log)
     wall = time.time() - started
     tracker.client.log_metric(tracker.parent_run_id, "search_wall_seconds", wall)
+    tracker.set_tags(tracker.parent_run_id, {TAG_OUTCOME: "finished"})
     tracker.finish_parent("FINISHED")
     return SearchOutcome(
         experiment_path=spec.experiment_path(),
@@ -106,6 +126,7 @@ def run_search(
         wall_seconds=wall,
         overhead=timing,
         final_report=final_report.format_report(report) if report else None,
+        experiment_id=tracker.experiment_id,
     )
 
 
@@ -126,6 +147,17 @@ def _check_storage(spec: Spec, resume: bool) -> None:
         raise SearchError(
             f"--resume: no search {spec.name!r} at {path} to resume (drop --resume to start it)"
         )
+    try:  # the Optuna study: reachable, and a new search's own
+        study = bool(spec.space) and tuning.optuna_study_exists(spec)
+    except ValueError as error:
+        raise SearchError(str(error)) from error
+    if study and not resume:
+        url = tuning.optuna_storage_url(spec)
+        raise SearchError(
+            f"an Optuna study {spec.name!r} already exists in {url}; delete it (optuna "
+            f"delete-study --study-name {spec.name} --storage {url}) or --set name=... to "
+            "start another"
+        )
 
 
 def _start_tracking(spec: Spec, spec_text: str):
@@ -140,7 +172,10 @@ def _start_tracking(spec: Spec, spec_text: str):
         spec.tracking.artifact_location,
     )
     tracker.start_parent(spec.name, spec.model_dump(mode="json"), spec_text, resolved_plan(spec))
-    callback = MlflowTrialCallback(tracker.uri, spec.experiment_name, spec.experiment_path())
+    write_record(spec, tracker.uri)  # `sdd-search report <folder>` finds the runs from it
+    callback = MlflowTrialCallback(
+        tracker.uri, spec.experiment_name, spec.experiment_path(), spec.tracking.outage_seconds
+    )
     return tracker, callback
 
 
@@ -188,6 +223,7 @@ def _fit_references(spec: Spec, trainable, callback, resume: bool) -> list[dict]
         return []
     experiment = tuning.reference_experiment(spec)
     results = tuning.fit("references", spec, trainable, experiment, callback, resume)
+    tuning.require_complete("references", results, len(REFERENCE_NAMES), callback)
     return leaderboard.result_rows(results, spec.search.metric, spec.search.mode)
 
 
@@ -195,6 +231,7 @@ def _fit_search(spec: Spec, trainable, callback, resume: bool) -> list[dict]:
     """The searched trials' rows, best first by the spec's metric and mode."""
     experiment = tuning.search_experiment(spec)
     results = tuning.fit("search", spec, trainable, experiment, callback, resume)
+    tuning.require_complete("search", results, spec.search.num_trials, callback)
     rows = leaderboard.result_rows(results, spec.search.metric, spec.search.mode)
     return leaderboard.ranked(rows, spec.search.mode)
 
@@ -207,6 +244,19 @@ def _final_report(spec: Spec, tracker: SearchTracker, final):
     if report is not None:
         final_stage.log_report(tracker, report)
     return report
+
+
+def _figures(spec: Spec, tracker: SearchTracker, log) -> None:
+    """The figures (sdd_search.figures) into the search's folder and the parent run; a
+    figure that fails is a warning line, never a failed search."""
+    try:
+        made = make_figures(spec, tracker, log=log)
+    except Exception as error:
+        log(f"warning: figures not made ({type(error).__name__}: {error})")
+        return
+    if made:
+        where = "" if "://" in spec.experiment_path() else f"{spec.experiment_path()}/figures and "
+        log(f"figures: {len(made)} in {where}the parent MLflow run (figures/)")
 
 
 def _finish(spec: Spec, tracker: SearchTracker, rows, search_rows, info, callback, final=None):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from sdd_search.config import (
     BASE_LOSSES,
@@ -28,7 +29,10 @@ from sdd_search.config import (
     TrialConfig,
     validate_scales,
 )
+from sdd_search.remote import RemoteError, file_problem, is_download, is_object_store, root_problem
 from sdd_search.space import SEARCHABLE, is_integer_knob, proxy_trial
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's where built: 20x faster
 
 
 class SpecError(ValueError):
@@ -93,6 +97,21 @@ class SearchConfig(StrictModel):
         "epochs, the recipe's milestones and warm-ups scaled to fit, so each completes a whole "
         "short schedule; None = the full recipe (train.epochs)",
     )
+    optuna_storage: str | None = Field(
+        None,
+        description="the Optuna study's storage, a SQLAlchemy URL (sqlite:///path/optuna.db, "
+        "postgresql://user@host/db); None = optuna.db in the search's folder",
+    )
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+._-]*://", value):
+            raise ValueError(
+                "expected a SQLAlchemy URL such as sqlite:///path/optuna.db or "
+                "postgresql://user@host/db"
+            )
+        return value
 
 
 class FinalConfig(StrictModel):
@@ -114,6 +133,12 @@ class TrackingConfig(StrictModel):
     registered_model: str | None = Field(None, description="None = <name>-student")
     alias: str = "champion"
     artifact_location: str | None = None
+    outage_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="how long a tracking server may stay away mid-search (the trials train on, "
+        "their tracking calls wait) before the search stops, resumable",
+    )
 
 
 class Spec(BaseModel):
@@ -200,6 +225,9 @@ def _describe_error(error: dict) -> str:
     location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     message = error["msg"].removeprefix("Value error, ")
     kind = error["type"]
+    field, _, rest = message.partition(": ")
+    if location and field.startswith(f"{location}.") and " " not in field:
+        return f"{field}: {rest}"  # a section's own check, naming the field it is about
     if kind == "extra_forbidden":
         message = "unknown field (check the spelling; see search_spaces/quickstart.yaml)"
     elif kind == "literal_error":
@@ -241,8 +269,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _apply_preset(raw: dict) -> dict:
     """Start train/distill from a paper recipe; the file's own values win."""
     preset = raw.get("preset")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         return raw
+    if any(raw.get(section) is not None and not isinstance(raw[section], dict)
+           for section in ("train", "distill")):  # fmt: skip
+        return raw  # not a mapping: validation names the section
     merged = copy.deepcopy(raw)
     merged["train"] = {**PRESETS[preset]["train"], **(raw.get("train") or {})}
     base = (raw.get("distill") or {}).get("base", "kd")
@@ -258,7 +289,8 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> Spec:
         raise SpecError(
             f"{source}: expected a mapping of sections (data, teacher, ...), got {type(raw).__name__}"
         )
-    if raw.get("preset") is not None and raw["preset"] not in PRESETS:
+    preset = raw.get("preset")
+    if preset is not None and not (isinstance(preset, str) and preset in PRESETS):
         raise SpecError(
             f"{source}: preset: expected one of {', '.join(PRESETS)}, got {raw['preset']!r}"
         )
@@ -284,7 +316,7 @@ def load_spec(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
     except IsADirectoryError:
         raise SpecError(f"{source}: is a folder, expected a YAML spec file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -316,6 +348,46 @@ def _check_schedule(spec: Spec, fail) -> None:
         fail("data.stage", "is set by the final stage; leave it out of specs")
 
 
+def _check_paths(spec: Spec, fail) -> None:
+    """data.root and teacher.checkpoint exist where the trials read them: a local path on this
+    disk; an s3:// or gs:// one in the object store's listing (sdd_search.remote), nothing
+    downloaded; an https:// teacher when the search starts (it downloads it)."""
+    if is_object_store(spec.data.root):  # checked where the trials read it: the object store
+        try:
+            problem = root_problem(spec.data.dataset, spec.data.root, spec.data.download)
+        except RemoteError as error:
+            problem = str(error)
+        if problem:
+            fail("data.root", problem)
+    elif spec.data.root and spec.data.dataset in ("cifar100", "cifar10", "imagefolder"):
+        root = Path(spec.data.root).expanduser()
+        if spec.data.dataset == "imagefolder" and not root.is_dir():
+            fail("data.root", f"no folder at {root} (expected train/ and val/ class folders)")
+        if not root.exists() and not spec.data.download:
+            fail("data.root", f"no folder at {root} (or set data.download: true)")
+        if spec.data.dataset == "imagefolder":
+            for split in ("train", "val"):
+                if not (root / split).is_dir():
+                    fail("data.root", f"expected {root / split}/<class>/*.jpg")
+    if (
+        spec.data.dataset in ("cifar100", "cifar10")
+        and not spec.data.root
+        and not spec.data.download
+    ):
+        fail("data.root", f"{spec.data.dataset} needs data.root (or data.download: true)")
+    if spec.teacher.source == "checkpoint" and is_download(spec.teacher.checkpoint):
+        try:
+            problem = file_problem(spec.teacher.checkpoint)
+        except RemoteError as error:
+            problem = str(error)
+        if problem:
+            fail("teacher.checkpoint", problem)
+    elif spec.teacher.source == "checkpoint":
+        checkpoint = Path(spec.teacher.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            fail("teacher.checkpoint", f"no file at {checkpoint}")
+
+
 def _check_semantics(spec: Spec, source: str) -> None:
     """Cross-field checks pydantic cannot express; all run before any trial starts.
 
@@ -334,26 +406,13 @@ def _check_semantics(spec: Spec, source: str) -> None:
         problem = model_name_problem(name)
         if problem:
             fail(field, problem)
-    if spec.data.root and spec.data.dataset in ("cifar100", "cifar10", "imagefolder"):
-        root = Path(spec.data.root).expanduser()
-        if spec.data.dataset == "imagefolder" and not root.is_dir():
-            fail("data.root", f"no folder at {root} (expected train/ and val/ class folders)")
-        if not root.exists() and not spec.data.download:
-            fail("data.root", f"no folder at {root} (or set data.download: true)")
-        if spec.data.dataset == "imagefolder":
-            for split in ("train", "val"):
-                if not (root / split).is_dir():
-                    fail("data.root", f"expected {root / split}/<class>/*.jpg")
-    if (
-        spec.data.dataset in ("cifar100", "cifar10")
-        and not spec.data.root
-        and not spec.data.download
-    ):
-        fail("data.root", f"{spec.data.dataset} needs data.root (or data.download: true)")
-    if spec.teacher.source == "checkpoint":
-        checkpoint = Path(spec.teacher.checkpoint).expanduser()
-        if not checkpoint.is_file():
-            fail("teacher.checkpoint", f"no file at {checkpoint}")
+    _check_paths(spec, fail)
+    if "://" in spec.storage and "?" in spec.storage:  # the search's name goes after the path
+        fail(
+            "storage",
+            "no query string (?endpoint_override=...): give an S3-compatible server's endpoint "
+            "as AWS_ENDPOINT_URL=http://host:port in the environment (README, Storage on S3)",
+        )
     if spec.train.milestones and any(m > spec.train.epochs for m in spec.train.milestones):
         fail("train.milestones", f"every milestone must be <= train.epochs ({spec.train.epochs})")
     if spec.search.metric not in METRICS:
@@ -394,6 +453,35 @@ def _check_semantics(spec: Spec, source: str) -> None:
         spec.resources.gpus_per_worker
     ):
         fail("resources.gpus_per_worker", "above 1 it must be a whole number")
+    _check_files(spec, source)  # last: the only check that opens files
+
+
+def _check_files(spec: Spec, source: str) -> None:
+    """Open what the search reads first, so that a hostile, torn or mismatched file is a spec
+    error before anything starts: CIFAR's batches (the restricted unpickler; the test batch only
+    with a final stage) and a checkpoint teacher (weights-only, memory-mapped; its classes, keys
+    and shapes against the dataset and teacher.model). Imported here, and only when needed."""
+    data = spec.data
+    if data.dataset in ("cifar100", "cifar10") and not is_object_store(data.root):
+        from sdd_search.data import DatasetError
+        from sdd_search.data.sources import check_cifar_files
+
+        root = str(Path(data.root).expanduser()) if data.root else None
+        roles = ("train", "test") if spec.final else ("train",)
+        try:
+            check_cifar_files(data.dataset, root, roles, data.download)
+        except DatasetError as error:
+            raise SpecError(f"{source}: data.root: {error}") from None
+    if spec.teacher.source == "checkpoint" and not is_download(spec.teacher.checkpoint):
+        from sdd_search.data import DatasetError
+        from sdd_search.teacher import TeacherError, check_teacher_checkpoint
+
+        try:
+            check_teacher_checkpoint(spec.trial, count_classes=not is_object_store(data.root))
+        except DatasetError as error:
+            raise SpecError(f"{source}: data.root: {error}") from None
+        except TeacherError as error:  # its message starts with the field
+            raise SpecError(f"{source}: {error}") from None
 
 
 METRICS = {
@@ -404,4 +492,3 @@ METRICS = {
     "train_loss",
     "train_top1",
 }
-

@@ -1,7 +1,9 @@
 """Teachers: from a checkpoint file, from torchvision's weights, or trained once here and cached.
 
-Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``). A teacher whose
-number of classes differs from the dataset's is a :class:`TeacherError` with a one-line message.
+Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``). A file that asks
+to run code, a torn one, or a teacher whose classes, keys or shapes differ from the dataset's and
+the model's is a :class:`TeacherError` with a one-line message; :func:`check_teacher_checkpoint`
+finds all of these for ``--check``, cheaply, before anything starts.
 A script needs one call: ``run_trial(config, teacher=teacher_for(config))``.
 
 This module imports :mod:`sdd_search.train` (a teacher is trained by ``run_trial``), never the
@@ -18,10 +20,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdd_search.checkpoint import atomic_save
+from sdd_search.checkpoint import CheckpointError, atomic_save, load_weights_only
 from sdd_search.config import TeacherConfig, TrialConfig
 from sdd_search.data import dataset_info
 from sdd_search.models import create_model
+from sdd_search.remote import (
+    RemoteError,
+    check_sha256,
+    fetch_file,
+    is_download,
+    is_object_store,
+)
 from sdd_search.train import run_trial
 
 CHECKPOINT_FORMAT = "sdd-search/model-v1"
@@ -52,16 +61,16 @@ def save_model_file(
     atomic_save(payload, path)
 
 
-def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_from_file(
+    path: Path, *, field: str = "teacher.checkpoint", mmap: bool = False
+) -> dict[str, torch.Tensor]:
     """Accept our format, the official SDD/mdistiller ``{"model": state_dict}`` and bare ones."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path, mmap=mmap)
     except FileNotFoundError:
-        raise TeacherError(f"teacher.checkpoint: no file at {path}") from None
-    except Exception as error:  # a pickle with arbitrary objects, or not a torch file at all
-        raise TeacherError(
-            f"teacher.checkpoint: {path} is not a weights-only torch checkpoint ({error})"
-        ) from None
+        raise TeacherError(f"{field}: no file at {path}") from None
+    except CheckpointError as error:  # a pickle with arbitrary objects, torn, or not torch's
+        raise TeacherError(f"{field}: {error}") from None
     if isinstance(payload, dict):
         for key in ("state_dict", "model", "student"):
             if isinstance(payload.get(key), dict):
@@ -70,7 +79,7 @@ def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(payload, dict) or not all(
         isinstance(v, torch.Tensor) for v in payload.values()
     ):
-        raise TeacherError(f"teacher.checkpoint: {path} holds no state_dict of tensors")
+        raise TeacherError(f"{field}: {path} holds no state_dict of tensors")
     # DataParallel / DDP / torch.compile prefixes.
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in payload):
@@ -78,22 +87,51 @@ def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
     return payload
 
 
-def load_model_file(
-    path: str | os.PathLike, model_name: str, num_classes: int, *, field: str = "teacher.checkpoint"
-) -> nn.Module:
-    """Build ``model_name`` and load the weights at ``path``; classes must match."""
-    path = Path(path)
-    state_dict = _state_dict_from_file(path)
-    model = create_model(model_name, num_classes=num_classes)
-    head_weight = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][
-        -1
-    ].weight
-    head_key = next(name for name, p in model.named_parameters() if p is head_weight)
+def _head_key(model: nn.Module) -> str:
+    """The state-dict key of the weight of ``model``'s last linear layer (its logits)."""
+    linear = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][-1]
+    return next(name for name, p in model.named_parameters() if p is linear.weight)
+
+
+def _check_fits(
+    model: nn.Module, state_dict: dict, path: Path, model_name: str, num_classes: int, field: str
+) -> None:
+    """TeacherError unless ``state_dict`` predicts ``num_classes`` and has exactly ``model``'s
+    keys and shapes (``model`` may live on the meta device)."""
+    head_key = _head_key(model)
     if head_key in state_dict and state_dict[head_key].shape[0] != num_classes:
         raise TeacherError(
             f"{field}: {path} predicts {state_dict[head_key].shape[0]} classes but the dataset "
             f"has {num_classes}; use a teacher trained on this dataset"
         )
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problems = [
+        f"{kind} keys: {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
+        for kind, keys in (
+            ("missing", [key for key in expected if key not in state_dict]),
+            ("unexpected", [key for key in state_dict if key not in expected]),
+        )
+        if keys
+    ]
+    problems += [
+        f"{key}: shape {list(state_dict[key].shape)} in the file, {list(shape)} in the model"
+        for key, shape in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != shape
+    ][:1]
+    if problems:
+        raise TeacherError(
+            f"{field}: {path} does not fit model {model_name!r} ({'; '.join(problems)})"
+        )
+
+
+def load_model_file(
+    path: str | os.PathLike, model_name: str, num_classes: int, *, field: str = "teacher.checkpoint"
+) -> nn.Module:
+    """Build ``model_name`` and load the weights at ``path``; classes, keys and shapes must match."""
+    path = Path(path)
+    state_dict = _state_dict_from_file(path, field=field)
+    model = create_model(model_name, num_classes=num_classes)
+    _check_fits(model, state_dict, path, model_name, num_classes, field)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -102,16 +140,72 @@ def load_model_file(
     return model
 
 
+def check_teacher_checkpoint(config: TrialConfig, *, count_classes: bool = True) -> None:
+    """What ``--check`` verifies of a ``source: checkpoint`` teacher before anything starts,
+    cheaply: the file loads weights-only (memory-mapped: nothing read twice, nothing unpickled
+    but tensors), its head predicts the dataset's number of classes, and its keys and shapes fit
+    ``teacher.model`` (built on the meta device: no memory, no initialisation). Raises
+    TeacherError (one line), or DatasetError where the dataset's classes cannot be counted;
+    returns at once for the other sources. Without ``count_classes`` (a dataset in an object
+    store, not listed here) the head keeps the file's own number of classes."""
+    if config.teacher.source != "checkpoint":
+        return
+    from sdd_search.data.sources import SOURCES, SourceOptions
+
+    data = config.data
+    source = SOURCES[data.dataset]
+    options = SourceOptions(
+        data.root,
+        data.image_size or source.image_size,
+        synthetic_num_classes=data.synthetic_num_classes,
+        synthetic_size=data.synthetic_size,
+    )
+    # Cheap: no image read, no pickle opened.
+    num_classes = source.num_classes(options) if count_classes else None
+    path, name = Path(config.teacher.checkpoint).expanduser(), config.teacher.model
+    state_dict = _state_dict_from_file(path, mmap=True)
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes or 1)
+        if num_classes is None:
+            head = state_dict.get(_head_key(model))
+            num_classes = 1 if head is None else head.shape[0]
+            model = create_model(name, num_classes=num_classes)
+    _check_fits(model, state_dict, path, name, num_classes, "teacher.checkpoint")
+
+
+def _root_key(root: str | None) -> str | None:
+    """data.root in a teacher's cache key: a local folder resolved, a URI as it is."""
+    if not root:
+        return None
+    return root.rstrip("/") if is_object_store(root) else str(Path(root).expanduser().resolve())
+
+
+def _checkpoint_file(config: TeacherConfig, log) -> Path:
+    """teacher.checkpoint on this node's disk: the path itself, or the URL downloaded once into
+    the cache (sdd_search.remote.fetch_file); teacher.sha256, when given, checked either way."""
+    try:
+        if is_download(config.checkpoint):
+            return fetch_file(config.checkpoint, cache_dir(config), sha256=config.sha256, log=log)
+        path = Path(config.checkpoint).expanduser()
+        if not path.is_file():
+            raise TeacherError(f"teacher.checkpoint: no file at {path}")
+        if config.sha256:
+            check_sha256(path, config.sha256)
+        return path
+    except RemoteError as error:
+        raise TeacherError(str(error)) from None
+
+
 def teacher_cache_key(config: TrialConfig) -> str:
     """Content key of a trained teacher: everything that changes its weights."""
     teacher_train = config.teacher.train or config.train
     content = {
         "model": config.teacher.model,
         # The stage is left out: a teacher always trains on the search stage's split.
-        "data": config.data.model_dump(exclude={"root", "download", "num_workers", "stage"}),
-        "data_root": str(Path(config.data.root).expanduser().resolve())
-        if config.data.root
-        else None,
+        "data": config.data.model_dump(
+            exclude={"root", "download", "num_workers", "stage", "cache_dir"}
+        ),
+        "data_root": _root_key(config.data.root),
         "train": teacher_train.model_dump(
             exclude={"device", "num_threads", "compile", "compile_mode"}
         ),
@@ -137,10 +231,7 @@ def ensure_teacher(config: TrialConfig, *, log=print) -> Path | None:
     """
     source = config.teacher.source
     if source == "checkpoint":
-        path = Path(config.teacher.checkpoint).expanduser()
-        if not path.is_file():
-            raise TeacherError(f"teacher.checkpoint: no file at {path}")
-        return path
+        return _checkpoint_file(config.teacher, log)
     if source == "torchvision":
         return None
     path = cached_teacher_path(config)

@@ -32,7 +32,12 @@ TAG_FINAL_ROLE = "sdd_search.final_role"
 TAG_SEED = "sdd_search.seed"
 TAG_SOURCE_TRIAL = "sdd_search.source_trial"
 TAG_SELECTION_SCORE = "sdd_search.selection_score"
+TAG_OUTCOME = "sdd_search.outcome"  # parent: running | interrupted | finished
 TAG_REGISTERED = "sdd_search.registered"  # parent: JSON [[trial id, version], ...] once done
+# The experiment's kind, model training (not GenAI): MLflow 3's UI picks its views by it (3.17's
+# by the link's workflowType first: runs_page).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -42,6 +47,19 @@ def resolve_tracking_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).expanduser().resolve())
     return uri
+
+
+def runs_page(uri: str, experiment_id: str) -> str:
+    """How to open an experiment's runs in the MLflow UI: the page itself for a tracking
+    server (``uri`` http(s)), else the ``mlflow ui`` command on the store, then the page.
+
+    The page asks for the UI's model-training views: MLflow 3.17's UI takes them from its
+    GenAI / Model training switch (``workflowType``, GenAI unless set) over the experiment's
+    ``mlflow.experimentKind`` tag, which earlier MLflow 3 UIs read."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open {LOCAL_UI}/{page}"
 
 
 def system_info() -> dict[str, str]:
@@ -102,12 +120,15 @@ class SearchTracker:
         existing = self.client.get_experiment_by_name(experiment)
         if existing is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location
+                experiment, artifact_location=artifact_location, tags=EXPERIMENT_TAGS
             )
         else:
             if existing.lifecycle_stage == "deleted":
                 self.client.restore_experiment(existing.experiment_id)
             self.experiment_id = existing.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag
+                if key not in existing.tags:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         self.experiment_name = experiment
         self.search_id = search_id
         self.parent_run_id: str | None = None
@@ -140,6 +161,7 @@ class SearchTracker:
             self.client.log_dict(run_id, spec_dict.get("space", {}), "search_space.json")
         else:
             self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, TAG_OUTCOME, "running")
         self.parent_run_id = run_id
         for run in self.client.search_runs(
             [self.experiment_id],
@@ -170,8 +192,12 @@ class SearchTracker:
         tags: dict[str, str] | None = None,
     ) -> str:
         """The child run of a trial: created once (with ``tags`` besides the role's), found
-        again on resume."""
+        again on resume, or by its tags when an earlier try created it but got no answer (a
+        tracking server that went away: its params are logged again, to the same values)."""
         run_id = self._trial_runs.get(trial_id)
+        if run_id is None and (run_id := self.run_id_of(trial_id)) is not None:
+            self._trial_runs[trial_id] = run_id
+            self._log_params(run_id, params)
         if run_id is not None:
             if self.client.get_run(run_id).info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")

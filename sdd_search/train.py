@@ -40,6 +40,7 @@ from sdd_search.checkpoint import (
 from sdd_search.config import DistillConfig, TrainConfig, TrialConfig
 from sdd_search.data import build_datasets_and_loaders
 from sdd_search.models import create_model
+from sdd_search.remote import local_root
 from sdd_search.sdd import warmup_factor
 from sdd_search.step import (
     SUM_COLUMNS,
@@ -179,11 +180,12 @@ def _runtime(train: TrainConfig, assigned: torch.device | None) -> Runtime:
 
 
 def _loaders(config: TrialConfig, runtime: Runtime):
-    """(dataset info, this rank's shard of the training set, the validation loader)."""
+    """(dataset info, this rank's shard of the training set, the validation loader); a remote
+    data.root is read from this node's copy (made once per node: sdd_search.remote)."""
     data, train = config.data, config.train
     return build_datasets_and_loaders(
         data.dataset,
-        root=data.root,
+        root=local_root(data),
         batch_size=train.batch_size,
         eval_batch_size=train.eval_batch_size,
         device=runtime.device,

@@ -13,8 +13,10 @@ the search can say where a trial's time outside the training loop goes
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,12 @@ from sdd_search.config import TrialConfig
 from sdd_search.ray_compat import trainer_class
 from sdd_search.space import config_of
 
+_log = logging.getLogger(__name__)
+
 TIMING_PREFIX = "timing/"  # result keys holding start-up timestamps (not logged as metrics)
+# The result key (and the run's tag below) saying, in one line, how a restart found its
+# checkpoints when the latest one was unreadable.
+RESTORE_KEY = "worker/restore"
 # Result keys with facts about where rank 0 trains (strings, sent with its first epoch), and the
 # MLflow tags they become: the trial's Tune actor (and so Tune's own node_ip) is on the head.
 WORKER_FACTS = {
@@ -36,6 +43,7 @@ WORKER_FACTS = {
     "worker/gpu_name": "sys.gpu_name",
     "worker/gpu_ids": "sys.gpu_ids",
     "worker/cuda_visible_devices": "sys.cuda_visible_devices",
+    RESTORE_KEY: "sdd_search.restore",
 }
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +99,30 @@ def _assigned_device():
         return None
 
 
+def require_gpu(gpus_per_worker: float) -> None:
+    """A trial that asked Ray for a GPU trains on one: where torch sees none (a torch built for a
+    newer CUDA than the node's driver, no driver, no visible device), one line saying why, never
+    a silent run on the CPU. ``train.device: cpu`` opts out (the caller skips this check)."""
+    import socket
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device visible to this process"
+    except Exception as error:  # torch's own words: "driver too old", "no NVIDIA driver" ...
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+    raise RuntimeError(
+        f"resources.gpus_per_worker is {gpus_per_worker:g} but torch {torch.__version__} (CUDA "
+        f"{torch.version.cuda or 'none'}) sees no usable GPU on {socket.gethostname()}: {reason}; "
+        "install a torch build the node's NVIDIA driver supports (clusters/README.md) or set "
+        "train.device: cpu"
+    )
+
+
 def _worker_facts(device) -> dict[str, str]:
     """Where this worker trains: node, host, device, and the GPU ids Ray gave it (a fractional
     GPU shows as the same id in every trial packed on it)."""
@@ -144,8 +176,9 @@ class _Reporter:
         self.epochs += 1
 
 
-def _replay(checkpoint, resume_from: Path) -> None:
-    """Report again the epochs ``checkpoint`` (Train's, opened at ``resume_from``) holds.
+def _replay(checkpoint, history: list[dict], note: str | None = None) -> None:
+    """Report again the epochs ``checkpoint`` (Train's) holds, its metrics rows ``history``
+    (the first one with ``note``, how the restart found its checkpoint, when there is one).
 
     A driver killed between Train saving a checkpoint and Tune recording its result would
     otherwise lose those epochs (or, for a finished trial, every result). The MLflow callback
@@ -154,13 +187,55 @@ def _replay(checkpoint, resume_from: Path) -> None:
     """
     import ray.train
 
-    from sdd_search.train import load_checkpoint
-
-    history = load_checkpoint(resume_from)["history"]
     rank0 = ray.train.get_context().get_world_rank() == 0
     for number, row in enumerate(history, start=1):
         again = checkpoint if rank0 and number == len(history) else None
-        ray.train.report({**row, "replayed": 1.0}, checkpoint=again)
+        told = {RESTORE_KEY: note} if note and number == 1 else {}
+        ray.train.report({**row, "replayed": 1.0, **told}, checkpoint=again)
+
+
+def _newest_first(latest):
+    """``latest`` (Train's checkpoint of this run), then, asked only if it is needed, the older
+    ones Train still keeps (``CheckpointConfig(num_to_keep=2)``: the one before), newest first."""
+    import ray.train
+
+    yield latest
+    try:
+        reported = ray.train.get_all_reported_checkpoints(timeout_s=60)
+    except Exception as error:  # an alpha API: without it the trial restarts from epoch 1
+        _log.warning("sdd-search: Train's earlier checkpoints unknown (%s)", error)
+        return
+    yield from [r.checkpoint for r in reported if r.checkpoint.path != latest.path][::-1]
+
+
+def _restore_point(latest, stack: contextlib.ExitStack):
+    """(checkpoint, its file, its metrics rows, a one-line note) of the newest of this trial's
+    checkpoints that loads, from ``latest`` (Train's) back; (None, None, [], note) when none
+    does: the trial starts again from epoch 1. The note is None when the latest loads, else
+    it says which were unreadable, why, and where the trial goes on from.
+
+    An older checkpoint is resumed from a copy (in ``stack``'s temporary folder): the replay
+    reports it again, and Train then deletes the original, the oldest of three it holds.
+    """
+    from sdd_search.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+
+    problems: list[str] = []
+    for checkpoint in _newest_first(latest):
+        name, path = Path(checkpoint.path).name, None
+        try:
+            path = Path(stack.enter_context(checkpoint.as_directory())) / CHECKPOINT_FILE
+            state = load_checkpoint(path)
+        except (CheckpointError, OSError) as error:
+            reason = str(error).removeprefix(f"{path}: ") if path else str(error)
+            problems.append(f"{name} was unreadable ({reason})")
+            continue
+        if not problems:
+            return checkpoint, path, list(state["history"]), None
+        copy = Path(stack.enter_context(tempfile.TemporaryDirectory())) / CHECKPOINT_FILE
+        shutil.copyfile(path, copy)
+        note = f"{'; '.join(problems)}; resumed from {name}, epoch {int(state['epoch'])}"
+        return checkpoint, copy, list(state["history"]), note
+    return None, None, [], f"{'; '.join(problems)}; restarted the trial from epoch 1"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -168,7 +243,7 @@ def train_worker(loop_config: dict) -> None:
     import ray
     import ray.train
 
-    from sdd_search.train import CHECKPOINT_FILE, NonFiniteLossError, resolve_device, run_trial
+    from sdd_search.train import NonFiniteLossError, resolve_device, run_trial
 
     imported = time.time()
 
@@ -180,6 +255,8 @@ def train_worker(loop_config: dict) -> None:
 
     # The device run_trial will train on (Ray's GPU for this worker, if it has one), so the
     # reported facts name it, not just what Ray assigned.
+    if loop_config.get("gpus_per_worker", 0) > 0 and trial.train.device != "cpu":
+        require_gpu(loop_config["gpus_per_worker"])
     device = resolve_device(trial.train, _assigned_device())
     report = _Reporter(
         {
@@ -195,9 +272,13 @@ def train_worker(loop_config: dict) -> None:
     with contextlib.ExitStack() as stack:
         resume_from = None
         if checkpoint is not None:
-            directory = stack.enter_context(checkpoint.as_directory())
-            resume_from = Path(directory) / CHECKPOINT_FILE
-            _replay(checkpoint, resume_from)
+            checkpoint, resume_from, history, note = _restore_point(checkpoint, stack)
+            if note:  # the worker's log, and the trial's run (with the first epoch reported)
+                _log.warning(
+                    "sdd-search: %s: %s", ray.train.get_context().get_experiment_name(), note
+                )
+                report.timing[RESTORE_KEY] = note
+            _replay(checkpoint, history, note)
         try:
             run_trial(
                 trial,
@@ -240,6 +321,7 @@ def trial_driver(config: dict, teacher: dict | None = None, setup: dict | None =
             "teacher": teacher,
             "num_classes": setup["num_classes"],
             "metric": setup.get("metric", "val_top1"),
+            "gpus_per_worker": resources["gpus_per_worker"],
             "driver_created": _process_start_time(),
             "driver_entered": entered,
         },

@@ -1,6 +1,7 @@
 """Ray Tune for one search: starting Ray, what each trial's driver holds, the Tuner's
-configuration (Optuna searcher, ASHA scheduler, live table, trial names) and fitting one of the
-search's two Tune experiments (``references``, then ``search``), fresh or restored.
+configuration (Optuna searcher and its study on disk, ASHA scheduler, the live view, trial
+names) and fitting one of the search's Tune experiments (``references``, ``search``, ``final``),
+fresh or restored.
 
 Ray is imported inside the functions: importing this module does not start or import Ray, so
 :func:`sdd_search.ray_compat.apply_ray_env_defaults` can run first.
@@ -8,6 +9,8 @@ Ray is imported inside the functions: importing this module does not start or im
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from sdd_search import ray_compat
@@ -38,14 +41,16 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # Warnings, or less where the caller raised Ray's logger (the CLI hides Ray's chatter).
+    level = max(logging.WARNING, logging.getLogger("ray").level)
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=level)
         return
     # "local" always starts a fresh Ray, never joins another one running on this machine.
     # The dashboard serves the state API that Ray Train's placement-group cleaner needs
     # to free the workers of early-stopped trials.
     ray_compat.apply_ray_env_defaults(local_ray=True)  # the local raylet's workers inherit these
-    ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level=level)
 
 
 def put_teacher(teacher_state: dict) -> dict:
@@ -60,6 +65,47 @@ def can_restore(path: str) -> bool:
     from ray import tune
 
     return tune.Tuner.can_restore(path)
+
+
+OPTUNA_DB = "optuna.db"  # the Optuna study's sqlite file in the search's folder
+
+
+def optuna_storage_url(spec: Spec) -> str:
+    """The SQLAlchemy URL of the search's Optuna study (named ``spec.name``):
+    ``search.optuna_storage`` as given, else the sqlite file ``optuna.db`` in the search's
+    folder; a search kept remotely (``s3://...``) keeps it in ``./<name>-optuna.db`` where the
+    command runs (sqlite needs a local file)."""
+    if spec.search.optuna_storage:
+        return spec.search.optuna_storage
+    folder = spec.experiment_path()
+    if "://" in folder:
+        return f"sqlite:///{Path(f'{spec.name}-optuna.db').resolve()}"
+    return f"sqlite:///{folder}/{OPTUNA_DB}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///...`` URL; None for another database or an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def optuna_study_exists(spec: Spec) -> bool:
+    """Whether the search's Optuna storage already holds its study (never creates a sqlite
+    file). Raises ValueError, with the driver's reason, for a storage it cannot open."""
+    url = optuna_storage_url(spec)
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        return False
+    import optuna
+
+    try:
+        return spec.name in optuna.get_all_study_names(storage=url)
+    except Exception as error:  # SQLAlchemy's and the database drivers' errors share no base
+        raise ValueError(f"cannot open the Optuna storage {url}: {error}") from error
 
 
 def driver_resources(head_memory: float | None, concurrent: int) -> dict[str, float]:
@@ -168,11 +214,13 @@ def final_experiment(spec: Spec, entries: list[dict]) -> tuple[dict, Any]:
 
 
 def _searcher(spec: Spec):
-    """OptunaSearch over the spec's space with its sampler; None for an empty space."""
+    """Tune's OptunaSearch over the spec's space with its sampler, its study in the search's
+    Optuna storage (:func:`optuna_storage_url`); None for an empty space."""
     if not spec.space:
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from sdd_search.optuna_study import StudySearch
 
     seed = spec.search.seed
     sampler = {
@@ -183,13 +231,24 @@ def _searcher(spec: Spec):
     }[spec.search.sampler]()
     space = {k: v.model_dump() for k, v in spec.space.items()}
     start = baseline_point(spec.trial, spec.space)
-    return OptunaSearch(
+    url = optuna_storage_url(spec)
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # A study that exists already is a resumed search's: its first point is queued (or ran).
+    new = not optuna_study_exists(spec)
+    searcher = StudySearch(
+        storage_url=url,
+        study_name=spec.name,
         space=SpaceSampler(space, {**start, "base": spec.distill.base}),
         metric=spec.search.metric,
         mode=spec.search.mode,
         sampler=sampler,
-        points_to_evaluate=[start] if spec.search.baseline_first else None,
+        points_to_evaluate=[start] if spec.search.baseline_first and new else None,
     )
+    if new:
+        searcher.study().set_user_attr("metric", spec.search.metric)
+    return searcher
 
 
 def _scheduler(spec: Spec):
@@ -207,33 +266,56 @@ def _scheduler(spec: Spec):
     )
 
 
-def _reporter(knobs: list[str]):
-    """A live trial table with the searched knobs and the metrics that matter, not the config."""
-    from ray import tune
+def live_view(name: str, spec: Spec, knobs: list[str], epochs: int):
+    """The live view (:class:`sdd_search.live_view.LiveView`) of the Tune experiment ``name``:
+    its trials' ``knobs`` (as the spec names them) and ``epochs`` each."""
+    from sdd_search.live_view import LiveView
 
-    return tune.CLIReporter(
-        metric_columns={
-            "epoch": "epoch",
-            "val_top1": "val top-1",
-            "best_val_top1": "best",
-            "train_loss": "loss",
-        },
-        parameter_columns={k: k for k in [ROLE_KEY, *knobs]},
-        max_report_frequency=30,
-        sort_by_metric=True,
-        max_progress_rows=30,
-        max_column_length=12,
+    return LiveView(
+        stage=name,
+        search=spec.name,
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        knobs=knobs,
+        epochs=epochs,
+        asha=name == "search" and spec.search.scheduler == "asha",
     )
 
 
+class SearchInterrupted(RuntimeError):
+    """A Tune experiment ended before all its trials did (Ctrl-C, SIGTERM): its state and
+    the running trials' last checkpoints are saved; ``--resume`` continues it."""
+
+
+def require_complete(name: str, results, expected: int, callback) -> None:
+    """Raise SearchInterrupted unless ``expected`` trials of the experiment ``name`` ended.
+
+    Tune's own Ctrl-C handling stops the loop, saves the experiment state with the running
+    trials still unfinished, and returns normally: only the trials' ends tell the difference.
+    ``callback``: the MLflow callback, which saw (or recorded, in an earlier driver) each end.
+    """
+    ended = sum(
+        1
+        for result in results
+        if result.error or callback.has_ended((result.metrics or {}).get("trial_id", ""))
+    )
+    if ended < expected:
+        raise SearchInterrupted(f"{name}: {ended} of {expected} trials ended")
+
+
 def fit(name: str, spec: Spec, trainable, experiment: tuple[dict, Any], callback, resume: bool):
-    """Run the Tune experiment ``name`` ("references" or "search") under the spec's storage:
-    restored with its unfinished and errored trials when ``resume`` and it exists, else fresh.
-    ``experiment``: (param space, TuneConfig); ``callback``: this run's MLflow callback."""
+    """Run the Tune experiment ``name`` ("references", "search" or "final") under the spec's
+    storage, shown by its live view: restored with its unfinished and errored trials when
+    ``resume`` and it exists, else fresh. ``experiment``: (param space, TuneConfig);
+    ``callback``: this run's MLflow callback."""
     from ray import tune
 
     param_space, tune_config = experiment
     path = f"{spec.experiment_path()}/{name}"
+    trial = spec.final_trial if name == "final" else spec.search_trial
+    view = live_view(
+        name, spec, [] if name == "references" else list(spec.space), trial.train.epochs
+    )
     if resume and can_restore(path):
         tuner = tune.Tuner.restore(
             path,
@@ -242,7 +324,7 @@ def fit(name: str, spec: Spec, trainable, experiment: tuple[dict, Any], callback
             resume_unfinished=True,
             resume_errored=True,
         )
-        ray_compat.use_callbacks_after_restore(tuner, [callback])
+        ray_compat.use_callbacks_after_restore(tuner, [callback, view])
     else:
         tuner = tune.Tuner(
             trainable,
@@ -251,10 +333,12 @@ def fit(name: str, spec: Spec, trainable, experiment: tuple[dict, Any], callback
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=spec.experiment_path(),
-                callbacks=[callback],
+                callbacks=[callback, view],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                progress_reporter=_reporter(list(spec.space) if name == "search" else []),
-                verbose=1,
+                verbose=0,  # Tune's own table and logs: the live view reports instead
             ),
         )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        view.close()  # the display stops even when the stage does not end (Ctrl-C, an error)

@@ -25,14 +25,12 @@ Nothing here contacts AWS, GCP or Kubernetes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import re
 import shlex
-import signal
+import shutil
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 
@@ -85,15 +83,44 @@ def _all_commands(config: dict) -> list[str]:
 
 
 def _mlflow_command(config: dict) -> str:
-    matches = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
-    assert len(matches) == 1, "exactly one head start command runs the MLflow server"
+    matches = [c for c in _all_commands(config) if "mlflow server" in c]
+    assert len(matches) == 1, "exactly one command runs the MLflow server"
+    assert matches[0] in config["head_setup_commands"], (
+        "the head's setup installs it, not Ray's start"
+    )
     return matches[0]
 
 
-def _mlflow_server_argv(command: str) -> list[str]:
-    """``mlflow server ...`` as the head's start command finally execs it."""
-    payload = next(word for word in shlex.split(command) if "exec mlflow server" in word)
-    return shlex.split(payload.split("exec ", 1)[1])
+def _run_mlflow_unit_install(config: dict, home: Path, bucket: str) -> tuple[str, list[str]]:
+    """Run the head's unit-installing command as ``ray up`` would (bash, ~/.bashrc's variables),
+    with ``sudo`` running its command as it is and ``systemctl`` recording its arguments; the
+    unit folder is ``home/systemd``. Returns (the installed unit's text, systemctl's calls)."""
+    bin_dir, units = home / "bin", home / "systemd"
+    for folder in (bin_dir, units, home / "mlflow", home / "sdd-venv" / "bin"):
+        folder.mkdir(parents=True, exist_ok=True)
+    calls = home / "systemctl.calls"
+    calls.write_text("")
+    (bin_dir / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (home / "sdd-venv" / "bin" / "mlflow").write_text("#!/bin/sh\nsleep 60\n")
+    for tool in (bin_dir / "sudo", bin_dir / "systemctl", home / "sdd-venv" / "bin" / "mlflow"):
+        tool.chmod(0o755)
+    command = _mlflow_command(config).replace("/etc/systemd/system", str(units))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home), "SDD_BUCKET": bucket}
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+    unit = (units / "sdd-mlflow.service").read_text()
+    return unit, calls.read_text().splitlines()
+
+
+def _unit_sections(unit: str) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    for line in unit.splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            current[key] = value
+    return sections
 
 
 def _workers(config: dict) -> dict[str, dict]:
@@ -197,21 +224,27 @@ def test_spot_market_options(vm):
         assert spot == twin, f"{node_name} and its on-demand twin must launch the same machine"
 
 
-def test_mlflow_server_on_head_bound_to_localhost(vm):
+def test_mlflow_server_on_head_bound_to_localhost(vm, tmp_path):
+    """The head's MLflow server is a systemd unit that restarts it on failure, bound to
+    127.0.0.1:5000, apart from Ray: no Ray start command touches it."""
     name, raw = vm
-    command = _mlflow_command(raw)
-    words = _mlflow_server_argv(command)
-    assert words[:2] == ["mlflow", "server"]
+    unit, _ = _run_mlflow_unit_install(raw, tmp_path, "my-bucket")
+    sections = _unit_sections(unit)
+    service = sections["Service"]
+    assert service["Restart"] == "on-failure" and int(service["RestartSec"]) > 0
+    assert sections["Install"]["WantedBy"] == "multi-user.target"
+    words = shlex.split(service["ExecStart"])
+    assert words[:2] == [f"{tmp_path}/sdd-venv/bin/mlflow", "server"]
     options = dict(zip(words[2::2], words[3::2], strict=True))
     assert options["--host"] == "127.0.0.1"
     assert options["--port"] == "5000"
-    assert options["--backend-store-uri"] == "sqlite:////home/ubuntu/mlflow/mlflow.db"
+    assert options["--backend-store-uri"] == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
     scheme = "s3" if name == "aws.yaml" else "gs"
-    assert options["--artifacts-destination"] == f"{scheme}://${{SDD_BUCKET}}/mlflow-artifacts"
-    assert "nohup" in command
+    assert options["--artifacts-destination"] == f"{scheme}://my-bucket/mlflow-artifacts"
     assert not any(
         "mlflow" in c for c in raw["worker_start_ray_commands"] + raw["worker_setup_commands"]
     )
+    assert not any("mlflow" in c for c in raw["head_start_ray_commands"]), "apart from Ray"
     assert not any("0.0.0.0" in c for c in _all_commands(raw)), "nothing listens on all interfaces"
     head_start = next(c for c in raw["head_start_ray_commands"] if "ray start --head" in c)
     assert "--dashboard-host=127.0.0.1" in head_start
@@ -220,6 +253,14 @@ def test_mlflow_server_on_head_bound_to_localhost(vm):
     assert any(
         "ray start --address=$RAY_HEAD_IP:6379" in c for c in raw["worker_start_ray_commands"]
     )
+    if shutil.which("systemd-analyze"):  # systemd's own reading of the unit file
+        check = subprocess.run(
+            ["systemd-analyze", "verify", str(tmp_path / "systemd" / "sdd-mlflow.service")],
+            capture_output=True,
+            text=True,
+        )
+        problems = [line for line in check.stderr.splitlines() if "sdd-mlflow.service" in line]
+        assert not problems, check.stderr
 
 
 def test_commands_are_valid_bash(vm):
@@ -235,7 +276,7 @@ def test_setup_installs_package_at_launched_version(vm, tmp_path):
     assert variables["SDD_SEARCH_VERSION"] == _pyproject_version()
     assert "${SDD_SEARCH_VERSION}" in variables["SDD_SEARCH_SOURCE"]
     assert variables["SDD_PYTHON"] == "3.11"
-    install = next(c for c in raw["setup_commands"] if "pip install" in c)
+    install = next(c for c in raw["setup_commands"] if "sdd-search[" in c)
     assert "sdd-search[" in install and "@ ${SDD_SEARCH_SOURCE}" in install
     assert '"ray[default,tune,train]==${RAY_VERSION}"' in install
     assert ("boto3" if name == "aws.yaml" else "google-cloud-storage") in install
@@ -259,47 +300,96 @@ def test_setup_installs_package_at_launched_version(vm, tmp_path):
     assert shown[1] == variables["SDD_BUCKET"]
 
 
-def test_mlflow_start_command_is_idempotent_and_stoppable(vm, tmp_path):
-    """The head's start command with a stand-in `mlflow`: one server, a pid file that
-    names its process group, a no-op on the second `ray up`, and stopped by the
-    README's `kill -- -$(cat ~/mlflow/server.pid)`."""
+def test_torch_is_the_build_the_images_driver_runs(vm):
+    """Every node installs torch from the cu128 index first (CUDA 12.8: NVIDIA driver >= 570,
+    which the configs' images have; PyPI's default 2.14 wheels need CUDA 13's driver >= 580),
+    then the package with the same pins, so that nothing replaces that build; the comments
+    name the driver the images need."""
+    from packaging.requirements import Requirement
+
+    name, raw = vm
+    variables = _env_file_vars(raw)
+    assert variables["TORCH_INDEX"] == "https://download.pytorch.org/whl/cu128"
+    torch_version, vision = variables["TORCH_VERSION"], variables["TORCHVISION_VERSION"]
+    torch_minor, vision_minor = (int(v.split(".")[1]) for v in (torch_version, vision))
+    assert vision.startswith("0.") and vision_minor == torch_minor + 15, "torchvision's pair"
+    requirement = next(
+        Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch") and not d.startswith("torchvision")
+    )
+    assert requirement.specifier.contains(torch_version)
+    installs = [c for c in raw["setup_commands"] if "pip install" in c]
+    assert len(installs) == 2
+    first, second = (shlex.split(c) for c in installs)
+    assert first[first.index("--index-url") + 1] == "$TORCH_INDEX"
+    pins = ["torch==${TORCH_VERSION}", "torchvision==${TORCHVISION_VERSION}"]
+    assert set(pins) <= set(first) and set(pins) <= set(second)
+    assert "--index-url" not in second and "--extra-index-url" not in second
+    text = (CLUSTERS / name).read_text()
+    assert ">= 570" in text and "Any Ubuntu AMI with the NVIDIA driver works" not in text
+    if name == "gcp.yaml":
+        images = [
+            disk["initializeParams"]["sourceImage"]
+            for node in _workers(raw).values()
+            for disk in node["node_config"]["disks"]
+        ]
+        assert all(re.search(r"-nvidia-(\d+)$", image) for image in images), images
+        assert all(int(re.search(r"-nvidia-(\d+)$", i).group(1)) >= 570 for i in images)
+
+
+def test_nodes_are_terminated_not_left_stopped(vm):
+    """cache_stopped_nodes: false: `ray down` and idle scale-down leave no stopped GPU worker
+    billing its disk (Ray's default for both providers is true)."""
+    name, raw = vm
+    assert raw["provider"]["cache_stopped_nodes"] is False
+    assert prepare_config(copy.deepcopy(raw))["provider"]["cache_stopped_nodes"] is False
+
+
+def test_mlflow_unit_is_installed_once_and_restarted_only_when_it_changes(vm, tmp_path):
+    """Every `ray up` runs the head's setup: the first installs and starts the unit, the next
+    ones only make sure it runs (a search logging to it is never cut off), and a changed unit
+    (here: another bucket) is installed and restarted."""
     _, raw = vm
+    first, calls = _run_mlflow_unit_install(raw, tmp_path, "bucket-a")
+    assert calls == ["daemon-reload", "enable sdd-mlflow", "restart sdd-mlflow"]
+    again, calls = _run_mlflow_unit_install(raw, tmp_path, "bucket-a")
+    assert again == first and calls == ["enable --now sdd-mlflow"]
+    changed, calls = _run_mlflow_unit_install(raw, tmp_path, "bucket-b")
+    assert "bucket-b" in changed and calls == [
+        "daemon-reload",
+        "enable sdd-mlflow",
+        "restart sdd-mlflow",
+    ]
+    readme = (CLUSTERS / "README.md").read_text()
+    name = "aws" if "s3://" in first else "gcp"
+    assert f"ray exec clusters/{name}.yaml 'sudo systemctl restart sdd-mlflow'" in readme
+
+
+def test_mlflow_database_is_restored_only_onto_a_new_head(vm, tmp_path):
+    """The backup the README's step 9 writes is fetched only when the head has no database (a
+    stand-in `aws`/`gcloud` records the call)."""
+    name, raw = vm
+    (restore,) = [c for c in raw["head_setup_commands"] if "mlflow-backup" in c]
+    tool = "aws" if name == "aws.yaml" else "gcloud"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "mlflow").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\nsleep 60 &\nwait\n')
-    (bin_dir / "mlflow").chmod(0o755)
+    (bin_dir / tool).write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\necho db > "$4"\n')
+    (bin_dir / tool).chmod(0o755)
     (tmp_path / "mlflow").mkdir()
-    command = _mlflow_command(raw).replace("/home/ubuntu", str(tmp_path))
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SDD_BUCKET": "bucket", "HOME": str(tmp_path)}
-    pid_file = tmp_path / "mlflow" / "server.pid"
-
-    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=10)
-    deadline = time.monotonic() + 10
-    while not (pid_file.exists() and (tmp_path / "args").exists()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pgid = int(pid_file.read_text())
-    try:
-        assert os.getpgid(pgid) == pgid, "the pid file names a process-group leader"
-        args = (tmp_path / "args").read_text().split()
-        assert args[args.index("--host") + 1] == "127.0.0.1"
-        again = subprocess.run(
-            ["bash", "-c", command], env=env, check=True, capture_output=True, text=True
-        )
-        assert "already running" in again.stdout
-        assert int(pid_file.read_text()) == pgid
-        subprocess.run(["bash", "-c", f"kill -- -$(cat {pid_file})"], check=True)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the MLflow process group survived kill -- -PGID")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "SDD_BUCKET": "b"}
+    subprocess.run(["bash", "-c", restore], env=env, check=True)
+    scheme = "s3" if name == "aws.yaml" else "gs"
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.split()[:4] == [
+        *(["s3", "cp"] if tool == "aws" else ["storage", "cp"]),
+        f"{scheme}://b/mlflow-backup/mlflow.db",
+        f"{tmp_path}/mlflow/mlflow.db",
+    ]
+    subprocess.run(["bash", "-c", restore], env=env, check=True)  # a database is there: no call
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1
+    readme = (CLUSTERS / "README.md").read_text()
+    assert f"{scheme}://my-sdd-bucket/mlflow-backup/mlflow.db" in readme
 
 
 def test_every_node_gets_an_identity_not_keys(vm):
@@ -389,6 +479,64 @@ def test_aws_node_configs_are_valid_run_instances_requests():
         assert request["ImageId"] == raw["available_node_types"]["head"]["node_config"]["ImageId"]
 
 
+def test_aws_nodes_require_imdsv2():
+    raw = _load("aws.yaml")
+    for name, node in raw["available_node_types"].items():
+        options = node["node_config"]["MetadataOptions"]
+        assert options["HttpTokens"] == "required", name
+        assert options["HttpEndpoint"] == "enabled" and options["HttpPutResponseHopLimit"] == 1
+
+
+def test_aws_readme_names_the_key_ray_creates_and_the_p4_spot_quota():
+    from ray.autoscaler._private.aws.config import key_pair
+
+    raw = _load("aws.yaml")
+    readme = (CLUSTERS / "README.md").read_text()
+    _, key_path = key_pair(0, "<region>", None)  # what `ray up` writes, for the first key
+    assert "~/.ssh/" + Path(key_path).name in readme
+    assert "ray-autoscaler_1_" not in readme
+    quota = "All P4, P3 and P2 Spot Instance Requests"
+    assert quota in readme and quota in (CLUSTERS / "aws.yaml").read_text()
+    assert raw["auth"]["ssh_user"] == "ubuntu"
+
+
+def _gcloud_commands(readme: str, verb: str) -> list[list[str]]:
+    joined = readme.replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in joined.splitlines() if verb in line]
+
+
+def test_gcp_nodes_join_their_own_network_with_tag_scoped_rules():
+    """Every node is on the sdd-search subnetwork and carries the sdd-search tag; the README's
+    firewall rules all target that tag, only SSH comes from outside, and the cluster's ports
+    are open only between sdd-search nodes."""
+    raw = _load("gcp.yaml")
+    project, region = raw["provider"]["project_id"], raw["provider"]["region"]
+    for name, node in raw["available_node_types"].items():
+        config = node["node_config"]
+        (interface,) = config["networkInterfaces"]
+        assert interface["subnetwork"] == (
+            f"projects/{project}/regions/{region}/subnetworks/sdd-search"
+        ), name
+        assert config["tags"]["items"] == ["sdd-search"], name
+    readme = (CLUSTERS / "README.md").read_text()
+    (network,) = _gcloud_commands(readme, "compute networks create")
+    assert "sdd-search" in network and "--subnet-mode=custom" in network
+    (subnet,) = _gcloud_commands(readme, "compute networks subnets create")
+    assert {"--network=sdd-search", f"--region={region}"} <= set(subnet)
+    rules = {words[4]: words for words in _gcloud_commands(readme, "compute firewall-rules create")}
+    assert len(rules) == 2, rules
+    for words in rules.values():
+        assert "--network=sdd-search" in words and "--target-tags=sdd-search" in words, words
+    outside = [w for w in rules.values() if any(a.startswith("--source-ranges") for a in w)]
+    (ssh,) = outside
+    assert "--allow=tcp:22" in ssh
+    (internal,) = [w for w in rules.values() if w is not ssh]
+    assert "--source-tags=sdd-search" in internal and not any(
+        "source-ranges" in a for a in internal
+    )
+    assert "default-allow" not in readme, "the default network is not used"
+
+
 def test_gcp_zone_is_consistent():
     raw = _load("gcp.yaml")
     provider = raw["provider"]
@@ -436,6 +584,7 @@ def test_kuberay_documents():
         "PersistentVolumeClaim",
         "Deployment",
         "Service",
+        "NetworkPolicy",
         "RayJob",
     }
     for document in documents.values():
@@ -512,8 +661,14 @@ def test_rayjob_runtime_env_and_entrypoint():
     RuntimeEnv(**runtime_env)  # Ray's own validation of every field
     version = _pyproject_version()
     assert runtime_env["working_dir"].endswith(f"/v{version}.zip")
-    (package,) = runtime_env["pip"]
-    assert package.startswith("sdd-search") and package.endswith(f"@v{version}")
+    (package,) = [p for p in runtime_env["pip"] if p.startswith("sdd-search")]
+    assert package.endswith(f"@v{version}")
+    # The torch build the GPU nodes' driver runs, as aws.yaml / gcp.yaml install it.
+    variables = _env_file_vars(_load("aws.yaml"))
+    assert f"--extra-index-url {variables['TORCH_INDEX']}" in runtime_env["pip"]
+    cuda = variables["TORCH_INDEX"].rsplit("/", 1)[1]
+    assert f"torch=={variables['TORCH_VERSION']}+{cuda}" in runtime_env["pip"]
+    assert f"torchvision=={variables['TORCHVISION_VERSION']}+{cuda}" in runtime_env["pip"]
 
     entrypoint = spec["entrypoint"]
     # KubeRay's submitter pastes the entrypoint into a shell command line.
@@ -607,3 +762,106 @@ def test_ray_version_is_the_same_everywhere():
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
+
+
+def test_network_policy_guards_the_heads_job_api():
+    """The head pod (only it) is selected; every port is open to the Ray cluster's own pods,
+    the dashboard / job API (8265) also to the RayJob's submitter and the KubeRay operator, and
+    nothing else reaches it."""
+    documents = _kuberay_documents()
+    policy, job = documents["NetworkPolicy"], documents["RayJob"]
+    cluster = job["spec"]["rayClusterSpec"]
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    worker_labels = [g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"]]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= head_labels.items()
+    assert not any(selector.items() <= labels.items() for labels in worker_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own, api = policy["spec"]["ingress"]
+    (peers,) = own["from"]
+    assert "ports" not in own  # all of Ray's ports, for its own pods only
+    for labels in [head_labels, *worker_labels]:
+        assert peers["podSelector"]["matchLabels"].items() <= labels.items()
+    assert api["ports"] == [{"protocol": "TCP", "port": 8265}]
+    submitter, operator = api["from"]
+    # KubeRay names the submitter Job after the RayJob; Kubernetes labels its pods job-name.
+    assert submitter == {"podSelector": {"matchLabels": {"job-name": job["metadata"]["name"]}}}
+    assert operator["namespaceSelector"] == {}
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    dashboard = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"containerPort": 8265, "name": "dashboard"} in dashboard
+
+
+# --------------------------------------------------------------------------------------------
+# kuberay.yaml against KubeRay's own CRD schemas (v1.5.0, in ../shared/kuberay-crds)
+
+CRDS = ROOT.parent / "shared" / "kuberay-crds" / "v1.5.0"
+
+
+def _crd_schema(file: str) -> dict:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay's CRDs are not here ({CRDS}: shared/kuberay-crds)")
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the CRD schema")
+    del jsonschema
+    crd = yaml.safe_load((CRDS / file).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _schema_errors(document: dict, schema: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft4Validator(schema)  # OpenAPI v3's schema dialect
+    return [
+        f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def test_rayjob_matches_kuberays_crd_schema():
+    schema = _crd_schema("rayjobs.yaml")
+    job = _rayjob()
+    assert _schema_errors(job, schema) == []
+    # The check sees a mistake: rayStartParams values are strings in the CRD.
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0
+    errors = _schema_errors(broken, schema)
+    assert errors == [
+        "spec.rayClusterSpec.headGroupSpec.rayStartParams.num-gpus: 0 is not of type 'string'"
+    ]
+
+
+def test_rayjobs_cluster_matches_kuberays_raycluster_crd_schema():
+    schema = _crd_schema("rayclusters.yaml")
+    job = _rayjob()
+    ray_cluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": job["metadata"]["name"]},
+        "spec": job["spec"]["rayClusterSpec"],
+    }
+    assert _schema_errors(ray_cluster, schema) == []
+    broken = copy.deepcopy(ray_cluster)
+    broken["spec"]["workerGroupSpecs"][0]["replicas"] = "0"
+    assert _schema_errors(broken, schema) == [
+        "spec.workerGroupSpecs.0.replicas: '0' is not of type 'integer'"
+    ]
+
+
+def test_the_readmes_walkthrough_names_tests_that_exist():
+    """Each walkthrough command in the README's last table names the tests that exercise it, or
+    says it needs a real cloud; every test it names is there."""
+    readme = (CLUSTERS / "README.md").read_text()
+    table = readme[readme.index("## Which commands the tests run") :]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8
+    for row in rows:
+        exercised = row.rsplit("|", 2)[1]
+        assert "tests/" in exercised or "needs a real" in exercised, row
+    named, file = [], None
+    for match in re.finditer(r"`(tests/\w+\.py)?::(\w+)`", table):
+        file = match.group(1) or file
+        named.append((file, match.group(2)))
+    assert len(named) >= 20
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), f"{file}::{test}"

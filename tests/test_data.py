@@ -467,13 +467,14 @@ def test_search_stage_never_opens_cifars_test_batch(
         build_datasets_and_loaders(
             "cifar100", root=str(root), batch_size=8, device=CPU, stage="final"
         )
-    # The tripwire does fire when the test batch is read: the search stage's silence is meaningful.
+    # Reading the test batch refuses the tripwire (the search stage's silence is meaningful),
+    # and never runs it: batches are read by a restricted unpickler.
     test_file.write_bytes(pickle.dumps(_Tripwire(opened), protocol=2))
-    with pytest.raises(DatasetError, match="cifar-100-python"):
+    with pytest.raises(DatasetError, match=f"{re.escape(str(test_file))}: not a plain-data"):
         build_datasets_and_loaders(
             "cifar100", root=str(root), batch_size=8, device=CPU, stage="final"
         )
-    assert opened.exists()
+    assert not opened.exists()
 
 
 def test_cifar10_loads_five_batches(tmp_path: Path) -> None:

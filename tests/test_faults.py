@@ -308,7 +308,9 @@ def test_data_parallel_trial_spans_two_nodes(two_workers, teacher_cache, shared)
 def test_fractional_gpus_pack_two_trials_on_one_gpu(cluster, teacher_cache, shared):
     """``resources.gpus_per_worker: 0.5`` packs two trials onto one GPU: on a node with one (Ray
     logical) GPU and two CPUs, both trials' Train workers are alive at once, and each trial's
-    MLflow run names that node and GPU. (torch sees no CUDA here, so they train on the CPU.)"""
+    MLflow run names that node and GPU. torch sees no CUDA here, so these trials say
+    ``train.device: cpu``; a trial that leaves it at auto fails with one line, never a silent
+    CPU run (the last search here)."""
     from sdd_search.search import run_search
     from sdd_search.spec import load_spec
 
@@ -321,6 +323,7 @@ def test_fractional_gpus_pack_two_trials_on_one_gpu(cluster, teacher_cache, shar
             {
                 "resources": {"gpus_per_worker": 0.5, "cpus_per_worker": 1},
                 "search": {"num_trials": 2, "max_concurrent": 2, "top_k": 0},
+                "train": {"device": "cpu"},
             },
         )
         raw = yaml.safe_load(path.read_text())
@@ -368,6 +371,18 @@ def test_fractional_gpus_pack_two_trials_on_one_gpu(cluster, teacher_cache, shar
             assert tags["sys.gpu_ids"] == "0" and tags["sys.cuda_visible_devices"] == "0", tags
             assert tags["sys.device"] == "cpu" and tags["sys.world_size"] == "1", tags
             assert tags["sys.node_ip"] == gpu_node.node_ip_address, tags
+
+        # The same GPU trial with train.device auto, on a node whose torch sees no CUDA.
+        raw["name"], raw["train"]["device"], raw["train"]["epochs"] = "nogpu", "auto", 1
+        raw["search"] = {**raw["search"], "num_trials": 1, "max_failures": 0}
+        raw["resources"]["max_failures"] = 0
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        nogpu = run_search(load_spec(path), address=cluster.address, log=lambda *_: None)
+        assert [row["status"] for row in nogpu.leaderboard] == ["error"]
+        _, (run,) = search_runs(mlflow_client(shared), "nogpu")
+        reason = run.data.tags["sdd_search.reason"]
+        assert "\n" not in reason and "resources.gpus_per_worker is 0.5 but torch" in reason, reason
+        assert reason.endswith("or set train.device: cpu"), reason
     finally:
         cluster.remove_node(gpu_node)
         cluster.wait_for_nodes()
@@ -460,3 +475,112 @@ def test_node_loss_resumes_from_checkpoint(two_workers, teacher_cache, shared, c
         )
     assert restarted_on and names[victim_id] not in restarted_on
     assert resumed_from >= 2 and 0 <= redone <= 1
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_nodes(cluster, tmp_path):
+    """moto's S3 server on 127.0.0.1 and two more worker nodes that reach it as cloud nodes reach
+    a bucket (credentials and AWS_ENDPOINT_URL in their environment), each with its own cache
+    (SDD_SEARCH_CACHE) and one ``s3node`` resource, so only this test's workers land there."""
+    from object_store import s3_server
+
+    with s3_server() as server:
+        caches = [tmp_path / f"node-{i}" for i in range(2)]
+        nodes = [
+            cluster.add_node(
+                num_cpus=1,
+                resources={"s3node": 1},
+                env_vars={**server.env, "SDD_SEARCH_CACHE": str(cache)},
+            )
+            for cache in caches
+        ]
+        cluster.wait_for_nodes()
+        try:
+            yield server, list(zip(nodes, caches, strict=True))
+        finally:
+            for node in nodes:
+                cluster.remove_node(node)
+            cluster.wait_for_nodes()
+
+
+def _tiny_image_folder(root: Path) -> Path:
+    """Two classes of real 16x16 JPEGs: 4 per class in train/, 2 in val/."""
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 2)):
+        for name, colour in (("ant", (200, 30, 30)), ("bee", (30, 200, 30))):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (16, 16), colour).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def test_search_reads_data_and_teacher_from_s3_into_per_node_caches(
+    s3_nodes, cluster, shared, tmp_path
+):
+    """One trial, two Train workers on two nodes, its image folder and its teacher checkpoint in
+    a bucket: each node copies the folder once into its own cache (MANIFEST.json, the files), the
+    driver downloads the teacher once into its cache, and the search finishes."""
+    import hashlib
+    import json
+
+    import torch
+
+    from sdd_search.models import create_model
+    from sdd_search.remote import MANIFEST, copy_folder
+    from sdd_search.search import run_search
+    from sdd_search.spec import load_spec
+
+    server, nodes = s3_nodes
+    bucket = server.bucket("sdd-e2e")
+    images = _tiny_image_folder(tmp_path / "images")
+    uri = server.upload_folder(images, bucket, "images")
+    buffer = io.BytesIO()
+    torch.save({"model": create_model("resnet8", num_classes=2).state_dict()}, buffer)
+    server.client.put_object(Bucket=bucket, Key="teachers/resnet8.pth", Body=buffer.getvalue())
+    path = write_spec(
+        shared,
+        "s3data",
+        {
+            "data": {
+                "dataset": "imagefolder",
+                "root": uri,
+                "image_size": 16,
+                "num_workers": 0,
+                "selection_fraction": 0.25,
+            },
+            "teacher": {
+                "model": "resnet8",
+                "source": "checkpoint",
+                "checkpoint": f"s3://{bucket}/teachers/resnet8.pth",
+                "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                "cache_dir": str(tmp_path / "driver"),
+            },
+            "train": {"epochs": 1, "batch_size": 2},
+            "resources": {"workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+            "search": {"num_trials": 1, "top_k": 0, "max_failures": 0},
+        },
+    )
+    raw = yaml.safe_load(path.read_text())
+    raw["resources"]["custom"] = {"s3node": 1}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    outcome = run_search(load_spec(path), address=cluster.address, log=lambda *_: None)
+    (row,) = outcome.leaderboard
+    assert row["status"] == "done" and row["epochs"] == 1, row
+
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+    for _, cache in nodes:  # each node's own copy, complete
+        folder = copy_folder(uri, str(cache / "data"))
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert sorted(manifest["files"]) == names
+        for name in names:
+            assert (folder / "data" / name).read_bytes() == (images / name).read_bytes()
+    downloads = server.log.downloads(bucket)
+    # Every image once per node (two nodes), the teacher once (by the driver, into its cache).
+    assert downloads == {**{f"images/{name}": 2 for name in names}, "teachers/resnet8.pth": 1}
+    (teacher,) = (tmp_path / "driver" / "downloads").glob("*-resnet8.pth")
+    assert teacher.read_bytes() == buffer.getvalue()

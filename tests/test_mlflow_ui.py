@@ -1,14 +1,21 @@
 """The MLflow UI lists a search's trials: a real `mlflow server` on localhost, a tiny search
-logged to it over HTTP, and the experiment's runs page rendered by headless Chromium."""
+logged to it over HTTP, and the experiment's runs page rendered by headless Chromium; the link
+the search prints opens the UI's model-training views, and the parent run's figures are listed
+and load as images."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -134,6 +141,145 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     )
 
 
+class DevTools:
+    """Headless Chromium driven over its DevTools pipe (its fds 3 and 4, no extra dependency):
+    open a page, evaluate JavaScript in it (what the page shows, not a file we wrote), take a
+    screenshot."""
+
+    def __init__(self, profile: Path, size: tuple[int, int] = (1400, 900)):
+        commands, self._commands = os.pipe()
+        self._replies, replies = os.pipe()
+
+        def wire():  # in the child: fd 3 reads our commands, fd 4 writes Chromium's replies
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, replies)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        self.process = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--window-size={size[0]},{size[1]}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=wire,
+            close_fds=False,  # fds 3 and 4 must reach Chromium (ours are close-on-exec)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(commands)
+        os.close(replies)
+        self._id, self._buffer, self.session = 0, b"", None
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def call(self, method: str, timeout: float = 60.0, **params) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
+                raise TimeoutError(f"chromium: no reply to {method} in {timeout:.0f}s")
+            chunk = os.read(self._replies, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed its DevTools pipe")
+            self._buffer += chunk
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def open(self, url: str, until: str, timeout: float = 90.0):
+        """Navigate to ``url``; the value of JavaScript ``until`` once truthy (or its last)."""
+        self.call("Page.navigate", url=url)
+        deadline, value = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            value = self.evaluate(until)
+            if value:
+                break
+            time.sleep(0.5)
+        return value
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot")["data"]))
+
+    def close(self) -> None:
+        stop_group(self.process, grace=5)
+        os.close(self._commands)
+        os.close(self._replies)
+
+
+def png_width(data: bytes) -> int:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">I", data[16:20])[0]
+
+
+def check_figures_and_workflow(url: str, client, experiment, parent, tmp_path: Path) -> None:
+    """The parent run's figures in the UI (listed, one shown as a loaded image) and the runs
+    link the search printed in the UI's model-training views, not its GenAI overview."""
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    figures = [a.path for a in client.list_artifacts(parent.info.run_id, "figures")]
+    assert "figures/learning_curves.png" in figures, figures
+    local = client.download_artifacts(parent.info.run_id, "figures/learning_curves.png", tmp_path)
+    width = png_width(Path(local).read_bytes())
+    browser = DevTools(tmp_path / "chromium-devtools")
+    try:
+        page = (
+            f"{url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+            "/artifacts/figures/learning_curves.png"
+        )
+        loaded = "[...document.images].filter(i => i.complete && i.naturalWidth > 0)"
+        shown = browser.open(
+            page, f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt])).includes('learning')"
+        )
+        text = browser.evaluate("document.body.innerText")
+        images = browser.evaluate(f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt]))")
+        browser.screenshot(tmp_path / "mlflow-ui-figure.png")
+        assert shown, f"no figure image loaded at {page}: {images}; page text: {text[:2000]}"
+        # Every figure is listed; the selected one is drawn at the PNG's own width.
+        assert all(Path(f).name in text for f in figures), text[:3000]
+        assert [width, "figures/learning_curves.png"] in json.loads(images), images
+        assert (tmp_path / "mlflow-ui-figure.png").stat().st_size > 10_000
+
+        # The link the search printed: the UI's model-training views (its runs table, the
+        # model registry), not the GenAI overview (Traces, Latency, Token Usage).
+        runs = f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+        listed = len(client.search_runs([experiment.experiment_id], max_results=100))
+        ready = (
+            f"document.body.innerText.includes('{listed} matching runs') && document.body.innerText"
+        )
+        text = browser.open(runs, ready) or browser.evaluate("document.body.innerText")
+        browser.screenshot(tmp_path / "mlflow-ui-runs.png")
+        assert f"{listed} matching runs" in text, text[:3000]  # the table has loaded
+        assert "Model registry" in text and "Token Usage" not in text, text[:3000]
+        assert "Observability" not in text, text[:3000]  # the GenAI views' navigation
+    finally:
+        browser.close()
+
+
 def visible_text(dom: str) -> str:
     dom = re.sub(r"<(script|style)\b[^>]*>.*?</\1>", " ", dom, flags=re.S | re.I)
     return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
@@ -151,8 +297,11 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
             "search": {"num_trials": 2, "max_concurrent": 2, "references": False, "top_k": 1},
         }
     )
-    # The search starts while the server is still coming up (its first MLflow call comes after
-    # the teacher and Ray; the client retries a refused connection for minutes): ~40 s saved.
+    # The search checks that its tracking server answers before it starts anything.
+    try:
+        mlflow_server.wait_healthy()
+    except RuntimeError as error:
+        pytest.fail(f"{error}:\n{mlflow_server.log_tail()}")
     out, err = tmp_path / "cli.out", tmp_path / "cli.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         cli = subprocess.Popen(
@@ -164,16 +313,15 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
             start_new_session=True,
         )
     try:
-        try:
-            mlflow_server.wait_healthy()
-        except RuntimeError as error:
-            pytest.fail(f"{error}:\n{mlflow_server.log_tail()}")
         returncode = cli.wait(timeout=600)
     finally:
         stop_group(cli, grace=20)  # a no-op once it has exited
     stdout_text, stderr_text = out.read_text(), err.read_text()
     assert returncode == 0, stdout_text[-3000:] + stderr_text[-3000:]
-    assert f"browse every trial: open {url}" in stdout_text
+    assert (
+        f"browse every trial: open {url}/#/experiments/1/runs?workflowType=machine_learning"
+        in stdout_text
+    )
     assert "registered tiny-student v1" in stdout_text, stdout_text[-3000:]
 
     # Everything went through the server's REST API: runs, registry, proxied artifacts.
@@ -218,3 +366,4 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
     assert not missing, f"{missing} not listed at {page}; page text: {text[:3000]}"
     assert parent.info.run_name in text and "sdd-search/tiny" in text
     assert screenshot.stat().st_size > 10_000
+    check_figures_and_workflow(url, client, experiment, parent, tmp_path)

@@ -57,8 +57,8 @@ def _logged_epochs(uri: str, role: str = "trial") -> list[int]:
 
 
 def test_search_end_to_end_killed_and_resumed(write_spec, teacher_cache, tmp_path):
-    """The whole loop as a user runs it, with the driver killed mid-search (SIGKILL, then
-    `ray stop`) and the search finished by `--resume`: references, Optuna trials, ASHA, MLflow
+    """The whole loop as a user runs it, with Ctrl-C mid-search (SIGINT to the driver's process
+    group: nothing registered, exit 130) and the search finished by `--resume`: references, Optuna trials, ASHA, MLflow
     runs with every epoch once, registered students, the champion loaded back."""
     spec_path = write_spec(
         {
@@ -94,9 +94,21 @@ def test_search_end_to_end_killed_and_resumed(write_spec, teacher_cache, tmp_pat
     while time.time() < deadline and not mid_second_trial(_logged_epochs(uri)):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.25)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    # Ctrl-C, as a terminal sends it (the whole process group): the search stops cleanly,
+    # registers nothing, marks its parent run interrupted, and says how to resume; exit 130.
+    os.killpg(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    first = (tmp_path / "first.log").read_text()
+    (line,) = [text for text in first.splitlines() if text.startswith("sdd-search: interrupted")]
+    assert line.endswith(f"continue with: sdd-search {spec_path} --resume"), line
+    assert "nothing registered" in line and "Tuner.restore" not in first
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    interrupted, _ = child_runs(client, "sdd-search/tiny")
+    assert interrupted.info.status == "KILLED"
+    assert interrupted.data.tags["sdd_search.outcome"] == "interrupted"
+    assert client.search_model_versions("name='tiny-student'") == []
+    assert "Leaderboard" not in first
     assert mid_second_trial(_logged_epochs(uri)), _logged_epochs(uri)
     assert _logged_epochs(uri, "reference") == [4, 4]
 
@@ -116,6 +128,7 @@ def test_search_end_to_end_killed_and_resumed(write_spec, teacher_cache, tmp_pat
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent, children = child_runs(client, "sdd-search/tiny")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sdd_search.outcome"] == "finished"
     metrics = parent.data.metrics
     assert 0.0 < metrics["orchestration_overhead_fraction"] < 1.0
     assert metrics["overhead_s/train_workers_start"] > 0.0, metrics
@@ -189,7 +202,7 @@ def test_spec_yaml_in_repo_matches_embedded_default():
     assert yaml.safe_load(embedded.read_text())["data"]["dataset"] == "digits"
 
 
-def _write_colour_cifar10(root: Path, per_class: int = 40, test: int = 100) -> None:
+def _write_colour_cifar10(root: Path, per_class: int = 80, test: int = 100) -> None:
     """A CIFAR-10 in its on-disk layout whose classes are easy (one colour each, plus noise)
     and whose TEST labels are scrambled: a model can only score chance on test."""
     import pickle
@@ -197,7 +210,8 @@ def _write_colour_cifar10(root: Path, per_class: int = 40, test: int = 100) -> N
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    palette = rng.integers(0, 256, (10, 3))
+    corners = [[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)]  # far apart in RGB
+    palette = np.array([*corners, [0.5, 0.5, 0.5], [0.5, 0, 0]]) * 255
 
     def images(labels: np.ndarray) -> np.ndarray:
         pixels = palette[labels][:, :, None] + rng.normal(0, 12, (len(labels), 3, 1024))
@@ -240,6 +254,8 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     spec_path = write_spec(
         {
             "data": {"dataset": "cifar10", "root": str(tmp_path / "data"), "image_size": 8},
+            "teacher": {"train": {"batch_size": 32}},
+            "train": {"batch_size": 32},
             "search": {"num_trials": 2, "max_concurrent": 2, "references": False},
             "final": {"top_k": 1, "seeds": 2},
         }
@@ -258,6 +274,14 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     def finished() -> int:
         return sum(r.info.status == "FINISHED" for r in _final_runs(uri))
 
+    # One driver per search: a second one while this one runs is refused, naming it.
+    lock = tmp_path / "runs" / "tiny" / "driver.lock"
+    while not lock.exists():
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.25)
+    second = run_cli([str(spec_path)], cwd=tmp_path)
+    (refused,) = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and f"running: driver pid {driver.pid} " in refused, refused
     deadline = time.time() + 500
     while time.time() < deadline and finished() < 2:  # 8 final runs, two at a time
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -269,13 +293,14 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
 
     result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "driver lock: broke" in result.stdout and not lock.exists()  # the killed driver's
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     _, children = child_runs(client, "sdd-search/tiny")
 
     # (a) selection is high, test is chance: nothing that chose read the test labels.
     searched = [r for r in children if r.data.tags["sdd_search.role"] == "trial"]
     assert len(searched) == 2
-    assert all(r.data.metrics["val_top1"] > 80.0 for r in searched), [
+    assert all(r.data.metrics["val_top1"] > 60.0 for r in searched), [
         r.data.metrics["val_top1"] for r in searched
     ]
     assert all("test_top1" not in r.data.metrics for r in searched)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -94,13 +96,15 @@ def test_overrides_and_check_print_the_plan(write_spec, capsys):
 
 
 def test_presets_and_ready_specs(tmp_path):
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     # The paper's recipes: what a preset fills in, what the file itself overrides.
     (tmp_path / "cifar-100-python").mkdir()
-    ckpt = tmp_path / "t.pth"
-    ckpt.write_bytes(b"")
+    import torch
+
+    from sdd_search.models import create_model
+
+    ckpt = tmp_path / "t.pth"  # the check opens it: a real resnet32x4 for 100 classes
+    torch.save(create_model("resnet32x4", num_classes=100).state_dict(), ckpt)
     spec = load_spec(
         root / "search_spaces" / "cifar100.yaml",
         [f"data.root={tmp_path}", f"teacher.checkpoint={ckpt}"],
@@ -112,7 +116,25 @@ def test_presets_and_ready_specs(tmp_path):
     imagenet = load_spec(root / "search_spaces" / "imagenet.yaml", [f"data.root={tmp_path}"])
     assert imagenet.train.milestones == [30, 60, 90] and imagenet.distill.dkd_beta == 0.5
     assert imagenet.resources.workers == 8 and imagenet.train.batch_size * 8 == 256
+    assert spec.train.lr == 0.01  # the authors' lr for a ShuffleNet student
+    assert spec.search.epochs == 60 and spec.search.grace_period <= 60
+    assert (spec.final.top_k, spec.final.seeds) == (3, 3)
+    assert imagenet.student.model == "torchvision/mobilenet_v2" and imagenet.final is not None
+    assert imagenet.search.epochs == 30 and imagenet.search_trial.train.milestones == [9, 18, 27]
+    # The paper's two ImageNet pairs, at its recipe and its SD-DKD points.
+    r18 = load_spec(root / "search_spaces" / "imagenet_r34_r18.yaml", [f"data.root={tmp_path}"])
+    assert (r18.teacher.model, r18.teacher.weights) == ("torchvision/resnet34", "IMAGENET1K_V1")
+    assert r18.student.model == "torchvision/resnet18" and r18.distill.scales == [1, 2]
+    assert (r18.distill.base, r18.distill.dkd_beta, r18.distill.temperature) == ("dkd", 0.5, 1.0)
+    mbv1 = load_spec(root / "search_spaces" / "imagenet_r50_mbv1.yaml", [f"data.root={tmp_path}"])
+    assert mbv1.teacher.model == "torchvision/resnet50" and mbv1.student.model == "mobilenetv1"
+    assert mbv1.distill.scales == [1, 2, 4] and mbv1.distill.base == "dkd"
+    for paper_pair in (r18, mbv1):
+        assert paper_pair.train.milestones == [30, 60, 90] and paper_pair.train.epochs == 100
+        assert paper_pair.train.batch_size * paper_pair.resources.workers == 256
+        assert paper_pair.final is not None and paper_pair.search.epochs == 30
     quick = load_spec(root / "search_spaces" / "quickstart.yaml")
+    assert quick.final is not None and quick.search.epochs < quick.train.epochs
     assert quick.data.dataset == "digits" and quick.resources.gpus_per_worker == 0
     assert (
         yaml.safe_load((root / "search_spaces" / "quickstart.yaml").read_text())["name"]
@@ -158,3 +180,38 @@ def test_checking_a_spec_never_changes_it_and_a_loaded_spec_is_normalised(write_
     _check_semantics(raw, str(path))
     assert raw.model_dump() == before
     assert raw.search.max_concurrent == 4 and raw.space["warmup_epochs"].type == "float"
+
+
+READY_SPECS = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", READY_SPECS, ids=[p.name for p in READY_SPECS])
+def test_every_ready_spec_passes_check(path, tmp_path, capsys):
+    """`sdd-search SPEC --check` for each ready spec, its data and teacher faked where absent
+    here (a CIFAR folder, an image folder of a few files, a checkpoint file); final on in all."""
+    raw = yaml.safe_load(path.read_text())
+    overrides = []
+    dataset = raw.get("data", {}).get("dataset", "digits")
+    if dataset in ("cifar100", "cifar10"):
+        (tmp_path / f"{dataset.replace('cifar', 'cifar-')}-python").mkdir()
+        overrides.append(f"data.root={tmp_path}")
+    elif dataset == "imagefolder":
+        for split, count in (("train", 10), ("val", 2)):
+            folder = tmp_path / split / "n01"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.jpg").write_bytes(b"\xff\xd8")
+        overrides.append(f"data.root={tmp_path}")
+    if raw.get("teacher", {}).get("source") == "checkpoint":  # opened by the check: a real one
+        import torch
+
+        from sdd_search.models import create_model
+
+        classes = {"cifar100": 100}.get(dataset, 10)
+        model = create_model(raw["teacher"]["model"], num_classes=classes)
+        torch.save(model.state_dict(), tmp_path / "t.pth")
+        overrides.append(f"teacher.checkpoint={tmp_path / 't.pth'}")
+    assert main([str(path), "--check", *(f for o in overrides for f in ("--set", o))]) == 0
+    out = capsys.readouterr().out
+    assert "final       top " in out and "\ncost        search " in out
+    assert "could not be listed" not in out and out.rstrip().endswith("spec OK")

@@ -210,7 +210,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         pickle.dump({"model": Payload()}, handle)
-    with pytest.raises(TeacherError, match="not a weights-only torch checkpoint"):
+    with pytest.raises(TeacherError, match="not a weights-only PyTorch checkpoint"):
         load_model_file(path, "resnet8", 10)
     with pytest.raises(TeacherError, match="no file at"):
         load_model_file(tmp_path / "missing.pt", "resnet8", 10)

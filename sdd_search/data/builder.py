@@ -12,6 +12,7 @@ from sdd_search.data.resident import ResidentLoader
 from sdd_search.data.sampling import check_rank
 from sdd_search.data.sources import DATASETS, SOURCES, DatasetSource, SourceOptions, Split, mean_std
 from sdd_search.data.splits import SELECTION_SEED, STAGES, Stage, stratified_split
+from sdd_search.remote import is_object_store, listed_source
 
 __all__ = ["build_datasets_and_loaders", "dataset_info"]
 
@@ -95,10 +96,13 @@ def dataset_info(
     Arguments as :func:`build_datasets_and_loaders`'s. Cheap: no image is decoded. digits and
     synthetic are counted exactly (the digits split takes milliseconds); cifar10/100 report the
     standard 50000/10000 split without reading the pickles (:func:`build_datasets_and_loaders`
-    reports the counts it actually loaded); imagefolder lists the folders, test's included.
+    reports the counts it actually loaded); imagefolder lists the folders, test's included (an
+    s3:// or gs:// root: the object store's listing, nothing downloaded; sdd_search.remote).
     """
     _check_stage(stage)
     source = _source(name)
+    if is_object_store(root):
+        source = listed_source(source, root)
     options = _options(
         source,
         image_size,

@@ -4,7 +4,8 @@ A row holds what is fixed about a dataset (default image size, normalisation, wh
 image is still the same class, which loader serves it, the share of the training split held out
 for selection) and the functions that read its roles (:mod:`sdd_search.data.splits`): ``digits``
 (scikit-learn's bundled 8x8 handwritten digits, offline; a fixed 20 % of them is the test
-split), ``cifar10``/``cifar100`` (torchvision's pickle batches in a local folder), ``imagefolder``
+split), ``cifar10``/``cifar100`` (the official pickle batches in a local folder, read by a
+restricted unpickler: :mod:`~sdd_search.data.safe_pickle`), ``imagefolder``
 (``root/{train,val}/<class>/`` image files, val/ the test split; with ``root/test/`` too, val/
 is the selection split and test/ the test split) and ``synthetic`` (learnable random images, for
 tests and benchmarks; a quarter as many test images again).
@@ -13,7 +14,6 @@ tests and benchmarks; a quarter as many test images again).
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdd_search.data import safe_pickle
 from sdd_search.data.base import DatasetError
 from sdd_search.data.splits import stratified_split
 
@@ -237,15 +238,21 @@ def _synthetic_labels(role: str, options: SourceOptions) -> np.ndarray | None:
 @dataclass(frozen=True)
 class _CifarLayout:
     folder: str  # below root
-    train_file: str  # the first training batch
+    train_files: tuple[str, ...]  # the training batches, in order
     test_file: str
     num_classes: int
     pretty: str  # the name in messages
 
 
 _CIFAR_LAYOUT = {
-    "cifar100": _CifarLayout("cifar-100-python", "train", "test", 100, "CIFAR-100"),
-    "cifar10": _CifarLayout("cifar-10-batches-py", "data_batch_1", "test_batch", 10, "CIFAR-10"),
+    "cifar100": _CifarLayout("cifar-100-python", ("train",), "test", 100, "CIFAR-100"),
+    "cifar10": _CifarLayout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        10,
+        "CIFAR-10",
+    ),
 }
 _CIFAR_STANDARD_SIZES = {"train": 50000, "test": 10000}  # images, balanced over the classes
 
@@ -270,9 +277,9 @@ def _cifar_folder_check(name: str, root: str | None, role: str) -> None:
     if root is None:
         raise DatasetError(
             f"{name}: data.root is not set; expected a folder holding "
-            f"{layout.folder}/{layout.train_file}; set data.root (and data.download: true to fetch it)"
+            f"{layout.folder}/{layout.train_files[0]}; set data.root (and data.download: true to fetch it)"
         )
-    required = layout.train_file if role == "train" else layout.test_file
+    required = layout.train_files[0] if role == "train" else layout.test_file
     expected = os.path.join(root, layout.folder, required)
     if not os.path.isfile(expected):
         raise DatasetError(
@@ -281,61 +288,95 @@ def _cifar_folder_check(name: str, root: str | None, role: str) -> None:
         )
 
 
-@lru_cache(maxsize=4)
-def _cifar_reader(name: str, role: str) -> type:
-    """torchvision's CIFAR class for ``name``, knowing only the role's files, so that reading
-    the training batches neither needs nor opens the test batch. md5 None = existence check only
-    (its ``check_integrity`` contract): a hand-made or trimmed copy in the same format loads too."""
+def _cifar_files(name: str, role: str) -> list[str]:
+    layout = _CIFAR_LAYOUT[name]
+    return list(layout.train_files) if role == "train" else [layout.test_file]
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, list[int]]:
+    """One CIFAR batch file: (uint8 ``N x 3072`` pixels, N labels), read with the restricted
+    unpickler (a file asking to run code is refused, never run). DatasetError names the file."""
+    try:
+        entry = safe_pickle.load_path(path)
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except safe_pickle.PickleRefused as error:
+        raise DatasetError(
+            f"{path}: not a plain-data CIFAR batch ({error}); refusing to load it"
+        ) from None
+    except Exception as error:  # truncated, or array data numpy cannot rebuild
+        raise DatasetError(f"{path}: {safe_pickle.describe_error(error)}") from None
+    if isinstance(entry, dict):
+        entry = {
+            key.decode("latin1") if isinstance(key, bytes) else key: v for key, v in entry.items()
+        }
+    labels = entry.get("labels", entry.get("fine_labels")) if isinstance(entry, dict) else None
+    data = entry.get("data") if isinstance(entry, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2):
+        raise DatasetError(
+            f"{path}: not a CIFAR batch (expected a dict with 'data': uint8 N x 3072 pixels)"
+        )
+    if data.shape[1] != 3072 or labels is None or len(labels) != len(data):
+        raise DatasetError(
+            f"{path}: not a CIFAR batch (expected 'data' N x 3072 and N 'labels' or "
+            f"'fine_labels', got data {tuple(data.shape)} and "
+            f"{'no' if labels is None else len(labels)} labels)"
+        )
+    return data, [int(label) for label in labels]
+
+
+def _download_cifar(name: str, root: str) -> None:
+    """Fetch and extract the official archive (torchvision checks its md5); nothing unpickled."""
     from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
 
     base = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
-    train = role == "train"
+    download_and_extract_archive(base.url, root, filename=base.filename, md5=base.tgz_md5)
 
-    class _LocalCIFAR(base):  # type: ignore[valid-type, misc]
-        train_list = [[file, None] for file, _ in base.train_list] if train else []
-        test_list = [] if train else [[file, None] for file, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
 
-    return _LocalCIFAR
+def check_cifar_files(name: str, root: str | None, roles: tuple[str, ...], download: bool) -> None:
+    """Open and validate every batch file ``roles`` read, before anything starts (``--check``):
+    DatasetError names the first missing, hostile or malformed file. With ``download``, files not
+    there yet are skipped (the download checks the archive's md5)."""
+    layout = _CIFAR_LAYOUT[name]
+    if download and not (
+        root and os.path.isfile(os.path.join(root, layout.folder, layout.train_files[0]))
+    ):
+        return
+    for role in roles:
+        _cifar_folder_check(name, root, role)
+        for file in _cifar_files(name, role):
+            _read_cifar_batch(_cifar_path(name, str(root), file))
+
+
+def _cifar_path(name: str, root: str, file: str) -> str:
+    path = os.path.join(root, _CIFAR_LAYOUT[name].folder, file)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"{name}: no {path} (expected the {_CIFAR_LAYOUT[name].pretty} batches "
+            f"{', '.join(_cifar_files(name, 'train'))} and {_CIFAR_LAYOUT[name].test_file})"
+        )
+    return path
 
 
 def _read_cifar(name: str, role: str, options: SourceOptions) -> Split | None:
     """CIFAR-10/100's ``role`` (train or test; no selection split of its own) as uint8
-    ``N x 3 x S x S`` + labels.
-
-    Files are read with torchvision's own CIFAR classes; the md5 check runs only when downloading
-    (torchvision verifies the archive).
-    """
+    ``N x 3 x S x S`` + labels, from the batch files of the official archive (only the role's:
+    the training batches never open the test batch), with the restricted unpickler."""
     if role == "selection":
         return None
-    from torchvision import datasets
-
-    root, layout = options.root, _CIFAR_LAYOUT[name]
+    root = options.root
     if options.download and root is not None:
         try:
             _cifar_folder_check(name, root, role)
         except DatasetError:
-            base = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
-            base(root, train=True, download=True)  # downloads, checks md5, extracts
+            _download_cifar(name, root)
     _cifar_folder_check(name, root, role)
-    try:
-        dataset = _cifar_reader(name, role)(root, train=role == "train", download=False)
-    except (
-        RuntimeError,
-        EOFError,
-        KeyError,
-        TypeError,  # a pickle of something other than a CIFAR batch
-        ValueError,
-        OSError,
-        pickle.UnpicklingError,
-    ) as error:
-        raise DatasetError(
-            f"{name}: cannot read the {layout.pretty} pickles under "
-            f"{os.path.join(str(root), layout.folder)} ({type(error).__name__}: {error})"
-        ) from None
-    images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor(dataset.targets, dtype=torch.int64)
-    return Split(_resize_uint8(images, options.image_size), labels)
+    batches = [_read_cifar_batch(_cifar_path(name, str(root), f)) for f in _cifar_files(name, role)]
+    pixels = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+    images = torch.from_numpy(pixels)
+    labels = torch.tensor([label for _, batch_labels in batches for label in batch_labels])
+    return Split(_resize_uint8(images, options.image_size), labels.to(torch.int64))
 
 
 def _cifar_standard_labels(name: str, role: str) -> np.ndarray | None:

@@ -1,0 +1,536 @@
+"""The live view of a running search: what each stage is doing, instead of Ray Tune's table.
+
+One :class:`LiveView` (a Tune callback) per Tune experiment (the ``references``, the
+``search``, the ``final`` stage) follows its trials in a :class:`StageProgress`. In a
+terminal it redraws, with rich, a header (trials done / running / total, the best selection
+score so far and its knobs, elapsed and estimated time left) above one row per trial (its
+knobs, an epoch progress bar, current and best score, how it ended)::
+
+    search · tiny   trials 3/8 done · 2 running   elapsed 1m23s · ~2m10s left
+    best val_top1 97.22%  trial-4b4d0205  scales=[1, 2] temperature=4.12 ...
+    trial            scales  temperature  progress          epoch  val_top1   best  state
+    trial-56088443   [1, 2]  5.219        ━━━━━━━━━╺━━━━━━  2/4    95.31%  95.31%  running
+
+Anywhere else (CI, ``| tee``, a cluster log) it prints one plain line per event: a trial
+started with its knobs, each epoch's score, a trial completed, stopped or failed.
+:func:`hide_chatter` keeps Ray's, Optuna's and MLflow's informational logs out of both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from sdd_search.space import BASE_SPECIFIC, config_of, searched_params, trial_display_name
+
+NAN = float("nan")
+# Ray's warnings a user acts on (a trial that cannot be placed), kept when the rest of Ray's
+# log is hidden; each shown in one line.
+KEPT_RAY_WARNINGS = ("ray.tune.execution.insufficient_resources_manager",)
+_FINISHED_STATES = ("completed", "stopped", "failed")
+
+
+def hide_chatter() -> None:
+    """Hide Ray's, Optuna's and MLflow's informational logs (``sdd-search`` without ``-v``).
+
+    Ray's logger shows errors (Tune's none: the view reports failed trials), and the warnings
+    of :data:`KEPT_RAY_WARNINGS` in one line; Optuna's and MLflow's show warnings. Call after Ray is imported (its import configures its
+    logger); :func:`sdd_search.tuning.start_ray` keeps the level through ``ray.init``.
+    """
+    import optuna
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Tune logs a failed trial's traceback as an error: the view says it in one line.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    for name in KEPT_RAY_WARNINGS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, OneLine) for f in logger.filters):
+            logger.addFilter(OneLine())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+class OneLine(logging.Filter):
+    """Joins a log record's message into one line (the record is still emitted)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = " ".join(record.getMessage().split())
+        record.msg, record.args = message, None
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# What a stage is doing
+
+
+@dataclass
+class TrialRow:
+    """One trial as the view shows it; ``state``: running, completed, stopped, failed or
+    retrying; ``note``: why it stopped or failed, in one line."""
+
+    name: str
+    knobs: dict[str, Any]
+    epochs: int
+    epoch: int = 0
+    score: float = NAN
+    best: float = NAN
+    loss: float = NAN
+    state: str = "running"
+    note: str = ""
+    order: int = 0
+
+
+@dataclass
+class StageProgress:
+    """The trials of one stage and what happened to them; each event method returns the plain
+    line that reports it (None: nothing to say).
+
+    ``stage``: "references", "search" or "final"; ``search``: the search's name;
+    ``metric``/``mode``: the spec's (the final stage shows its test counterpart and no best:
+    test numbers choose nothing); ``knobs``: the searched knobs shown, as the spec names them;
+    ``epochs``: a trial's epochs, for trials not started yet; ``asha``: whether ASHA may stop
+    trials early; ``clock``: seconds (time.time).
+    """
+
+    stage: str
+    search: str
+    metric: str
+    mode: str
+    knobs: list[str]
+    epochs: int
+    asha: bool = False
+    total: int = 0
+    clock: Any = time.time
+    rows: dict[str, TrialRow] = field(default_factory=dict)
+    done: int = 0
+    running: int = 0
+    started: float = 0.0
+    trained_epochs: int = 0  # epochs trained (not replayed) since the stage started here
+    ended: bool = False
+
+    def __post_init__(self):
+        self.started = self.started or self.clock()
+
+    @property
+    def score_key(self) -> str:
+        if self.stage == "final" and self.metric.startswith("val_"):
+            return "test_" + self.metric.removeprefix("val_")
+        return self.metric
+
+    # ---- events
+
+    def count(self, trials) -> None:
+        """Done and running from Tune's trial list (it holds trials finished before a resume);
+        a trial this view saw end counts as done whatever Tune's status says yet."""
+        if trials is None:
+            return
+        ended = {tid for tid, row in self.rows.items() if row.state in _FINISHED_STATES}
+        self.total = max(self.total, len(trials))
+        self.done = sum(t.status in ("TERMINATED", "ERROR") or t.trial_id in ended for t in trials)
+        self.running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
+
+    def _recount(self, trials, started: int = 0, finished: int = 0) -> None:
+        if trials is not None:
+            self.count(trials)
+        else:
+            self.running = max(0, self.running + started - finished)
+            self.done += finished
+
+    def start(
+        self, trial_id: str, name: str, knobs: dict, epochs: int, trials=None, resumed=False
+    ) -> str:
+        row = self.rows.get(trial_id)
+        already_running = row is not None and row.state == "running"
+        if row is None:
+            row = self.rows[trial_id] = TrialRow(name, knobs, epochs, order=len(self.rows))
+        row.state, row.note = "running", ""
+        self._recount(trials, started=0 if already_running else 1)
+        verb = "resumed" if resumed else "started"
+        return f"{self._prefix(row)} {verb}" + (f": {format_knobs(knobs)}" if knobs else "")
+
+    def result(self, trial_id: str, result: dict) -> str | None:
+        row = self.rows.get(trial_id)
+        if row is None:
+            return None
+        epoch = int(result.get("epoch") or 0)
+        if result.get("nonfinite_loss"):
+            row.note = str(result.get("stop_reason") or "non-finite loss")
+            return None
+        if not result.get("replayed"):
+            self.trained_epochs += max(0, epoch - row.epoch)
+        row.epoch = max(row.epoch, epoch)
+        row.loss = float(result.get("train_loss", row.loss))
+        if self.score_key in result:
+            row.score = float(result[self.score_key])
+            row.best = _better(row.best, row.score, self.mode)
+        if result.get("replayed"):
+            return None
+        return f"{self._prefix(row)} epoch {epoch}/{row.epochs}: {self._scores(row)}"
+
+    def complete(self, trial_id: str, last: dict | None, trials=None) -> str | None:
+        row = self.rows.get(trial_id)
+        if row is None:
+            return None
+        last = last or {}
+        row.epoch = max(row.epoch, int(last.get("epoch") or 0))
+        if last.get("nonfinite_loss"):
+            row.state = "stopped"
+            row.note = row.note or "non-finite loss"
+        elif row.epoch >= row.epochs:
+            row.state, row.note = "completed", ""
+        else:
+            row.state = "stopped"
+            by = "ASHA" if self.asha else "the scheduler"
+            row.note = f"by {by} after epoch {row.epoch} of {row.epochs}"
+        self._recount(trials, finished=1)
+        said = "completed" if row.state == "completed" else f"stopped {row.note}"
+        return f"{self._prefix(row)} {said}: {self._scores(row)} · {self._tally()}"
+
+    def error(self, trial_id: str, reason: str, trials=None, retrying=False) -> str | None:
+        row = self.rows.get(trial_id)
+        if row is None:
+            return None
+        row.state, row.note = ("retrying" if retrying else "failed"), reason
+        if retrying:
+            return f"{self._prefix(row)} failed, retrying: {reason}"
+        self._recount(trials, finished=1)
+        return f"{self._prefix(row)} failed: {reason} · {self._tally()}"
+
+    def begin(self) -> str:
+        return f"[{self.stage}] {self.search}: {self.total} trials"
+
+    def end(self) -> str:
+        self.ended = True
+        states = [r.state for r in self.rows.values()]
+        parts = [f"{states.count(s)} {s}" for s in _FINISHED_STATES if states.count(s)]
+        unfinished = len(states) - sum(s in _FINISHED_STATES for s in states)
+        if unfinished:  # Ctrl-C, or an error outside the trials: --resume continues them
+            parts.append(f"{unfinished} unfinished")
+        verb = "interrupted after" if unfinished else "finished in"
+        line = f"[{self.stage}] {verb} {format_seconds(self.elapsed())}: " + (
+            ", ".join(parts) or "no trial ran here"
+        )
+        best = self.best_row()
+        if best is not None:
+            line += f"; best {self.score_key} {format_score(self.score_key, best.score)} "
+            line += f"{best.name}" + (f" ({format_knobs(best.knobs)})" if best.knobs else "")
+        return line
+
+    # ---- what the header says
+
+    def elapsed(self) -> float:
+        return max(0.0, self.clock() - self.started)
+
+    def seconds_left(self) -> float | None:
+        """Time left at the pace so far (epochs trained per second, start-up included); None
+        before the first epoch. An upper bound where ASHA stops trials early."""
+        if self.trained_epochs <= 0:
+            return None
+        unfinished = [r for r in self.rows.values() if r.state not in _FINISHED_STATES]
+        remaining = sum(max(0, r.epochs - r.epoch) for r in unfinished)
+        remaining += max(0, self.total - self.done - len(unfinished)) * self.epochs  # not started
+        return remaining * self.elapsed() / self.trained_epochs
+
+    def best_row(self) -> TrialRow | None:
+        """The trial with the best selection score so far (its latest value: the one the
+        leaderboard ranks by); None in the final stage or before any score."""
+        if self.stage == "final":
+            return None
+        scored = [r for r in self.rows.values() if not math.isnan(r.score)]
+        if not scored:
+            return None
+        return (max if self.mode == "max" else min)(scored, key=lambda r: r.score)
+
+    def header(self) -> str:
+        left = self.seconds_left()
+        eta = f" · ~{format_seconds(left)} left" if left is not None and not self.ended else ""
+        return (
+            f"{self.stage} · {self.search}   trials {self.done}/{self.total} done · "
+            f"{self.running} running   elapsed {format_seconds(self.elapsed())}{eta}"
+        )
+
+    def best_line(self) -> str | None:
+        best = self.best_row()
+        if best is None:
+            return None
+        knobs = f"  {format_knobs(best.knobs)}" if best.knobs else ""
+        return (
+            f"best {self.score_key} {format_score(self.score_key, best.score)}  {best.name}{knobs}"
+        )
+
+    def shown_rows(self, limit: int) -> list[TrialRow]:
+        """Running trials first (in start order), then the latest finished; when the stage has
+        ended, every trial by its score, best first."""
+        rows = list(self.rows.values())
+        if self.ended:
+            sign = -1 if self.mode == "max" else 1
+            rows.sort(
+                key=lambda r: (math.isnan(r.score), sign * (0 if math.isnan(r.score) else r.score))
+            )
+            return rows[:limit]
+        active = sorted((r for r in rows if r.state not in _FINISHED_STATES), key=lambda r: r.order)
+        finished = sorted((r for r in rows if r.state in _FINISHED_STATES), key=lambda r: -r.order)
+        return (active + finished)[:limit]
+
+    # ---- plain wording
+
+    def _prefix(self, row: TrialRow) -> str:
+        return f"[{self.stage}] {row.name}"
+
+    def _scores(self, row: TrialRow) -> str:
+        key = self.score_key
+        text = f"{key} {format_score(key, row.score)}"
+        if self.stage != "final" and not math.isnan(row.best):
+            text += f" (best {format_score(key, row.best)})"
+        if not math.isnan(row.loss):
+            text += f", loss {row.loss:.4g}"
+        return text
+
+    def _tally(self) -> str:
+        return f"{self.done}/{self.total} done, {format_seconds(self.elapsed())}"
+
+
+def _better(best: float, value: float, mode: str) -> float:
+    if math.isnan(best):
+        return value
+    if math.isnan(value):
+        return best
+    return max(best, value) if mode == "max" else min(best, value)
+
+
+def format_score(metric: str, value: float) -> str:
+    """A metric as the leaderboard shows it: accuracies (``*top1``, ``*top5``, in percent)
+    with two decimals and a percent sign, others to 4 significant digits; "-" for none."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.2f}%" if "top" in metric else f"{value:.4g}"
+
+
+def format_value(value: Any) -> str:
+    """A knob's value in short form: floats to 4 significant digits, lists as written."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_knobs(knobs: dict[str, Any]) -> str:
+    """``scales=[1, 2] temperature=4.12 ...``: the knobs a trial uses (not another base's)."""
+    base = knobs.get("base")
+    return " ".join(
+        f"{k}={format_value(v)}"
+        for k, v in knobs.items()
+        if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    """1h02m, 4m05s, 37s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+# --------------------------------------------------------------------------------------------
+# The terminal's picture
+
+
+def render(progress: StageProgress, height: int = 50):
+    """The rich renderable of ``progress``: the header lines over a table of trials, as many
+    rows as ``height`` (the terminal's lines) leaves room for."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    key, final = progress.score_key, progress.stage == "final"
+    rows = progress.shown_rows(max(3, height - 6))
+    texts = [_row_cells(progress, row) for row in rows]  # (trial, *knobs, epoch, scores...)
+    heads = ["trial", *progress.knobs, "epoch", key, *([] if final else ["best"]), "loss"]
+    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
+    for index, head in enumerate(heads):
+        widest = max((len(cells[index]) for cells in texts), default=0)
+        numeric = index > len(progress.knobs)
+        table.add_column(
+            head,
+            no_wrap=True,
+            overflow="ellipsis",
+            justify="right" if numeric else "left",
+            min_width=max(widest, len(head) if numeric else 1),  # shrink headers, not values
+        )
+        if index == len(progress.knobs):
+            table.add_column("progress", no_wrap=True, min_width=6)
+    table.add_column("state", no_wrap=True, overflow="ellipsis", ratio=1)
+    styles = {"completed": "green", "stopped": "yellow", "failed": "red", "retrying": "red"}
+    for row, cells in zip(rows, texts, strict=True):
+        bar = epoch_bar(row.epoch, row.epochs)
+        split = 1 + len(progress.knobs)
+        state = row.state + (f": {row.note}" if row.state in ("failed", "retrying") else "")
+        if row.state == "stopped":
+            state += f" {row.note}"
+        table.add_row(*cells[:split], bar, *cells[split:], Text(state, style=styles.get(row.state)))
+    lines = [Text(progress.header(), style="bold")]
+    best = progress.best_line()
+    if best:
+        lines.append(Text(best, style="cyan"))
+    return Group(*lines, table)
+
+
+def epoch_bar(epoch: int, epochs: int, width: int = 12):
+    """``━━━━━━──────``: the epochs done out of ``epochs``, readable without colours too."""
+    from rich.text import Text
+
+    done = round(width * min(epoch, epochs) / max(epochs, 1))
+    bar = Text("━" * done, style="green")
+    bar.append("─" * (width - done), style="grey50")
+    return bar
+
+
+def _row_cells(progress: StageProgress, row: TrialRow) -> list[str]:
+    key = progress.score_key
+    return [
+        row.name,
+        *_row_knobs(row, progress.knobs),
+        f"{row.epoch}/{row.epochs}",
+        format_score(key, row.score),
+        *([] if progress.stage == "final" else [format_score(key, row.best)]),
+        "-" if math.isnan(row.loss) else f"{row.loss:.4g}",
+    ]
+
+
+def _row_knobs(row: TrialRow, knobs: list[str]) -> list[str]:
+    base = row.knobs.get("base")
+    cells = []
+    for knob in knobs:
+        unused = knob in BASE_SPECIFIC and base and BASE_SPECIFIC[knob] != base
+        cells.append("-" if knob not in row.knobs or unused else format_value(row.knobs[knob]))
+    return cells
+
+
+# --------------------------------------------------------------------------------------------
+# The Tune callback
+
+
+class LiveView(Callback):
+    """Tune callback: the live view of one stage (:class:`StageProgress`'s arguments).
+
+    ``terminal``: redraw with rich (True), print plain lines (False), or decide by whether
+    stdout is a terminal (None). Picklable (Tune keeps its callbacks in the experiment state):
+    the console and the live display are made when the stage starts; :meth:`close` stops the
+    display if the stage ends without Tune saying so (Ctrl-C, an error).
+    """
+
+    def __init__(self, terminal: bool | None = None, **progress: Any):
+        self.terminal = terminal
+        self.progress = StageProgress(**progress)
+        self._settings = progress
+        self._live = None
+        self._console = None
+        self._epochs: dict[str, int] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_live"] = state["_console"] = None
+        state["progress"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.progress = StageProgress(**self._settings)
+
+    # ---- Tune's calls
+
+    def setup(self, total_num_samples: int | None = None, **info):
+        from rich.console import Console
+
+        self.progress = StageProgress(**self._settings)
+        if total_num_samples:
+            self.progress.total = total_num_samples
+        self._console = Console()
+        terminal = self.terminal
+        if terminal is None:
+            terminal = self._console.is_terminal and not self._console.is_dumb_terminal
+        if terminal:
+            from rich.live import Live
+
+            self._live = Live(
+                get_renderable=self._renderable,
+                console=self._console,
+                refresh_per_second=2,
+                redirect_stdout=True,
+                redirect_stderr=True,
+            )
+            self._live.start()
+        else:
+            self._say(self.progress.begin())
+
+    def on_step_end(self, iteration, trials, **info):
+        self.progress.count(trials)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(self.progress.start(*self._describe(trial), trials=trials))
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self._say(self.progress.start(*self._describe(trial), trials=trials, resumed=True))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id not in self.progress.rows:  # restored without a start
+            self._say(self.progress.start(*self._describe(trial), trials=trials, resumed=True))
+        self._say(self.progress.result(trial.trial_id, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say(self.progress.complete(trial.trial_id, trial.last_result, trials))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(self.progress.error(trial.trial_id, _error_line(trial), trials))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        line = self.progress.error(trial.trial_id, _error_line(trial), trials, retrying=True)
+        self._say(line)
+
+    def on_experiment_end(self, trials, **info):
+        self.progress.count(trials)
+        self.close()
+
+    def close(self) -> None:
+        """End the stage's view: the last picture stays on the screen (or a closing line)."""
+        if self.progress.ended:
+            return
+        line = self.progress.end()
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+            self._live = None
+        else:
+            self._say(line)
+
+    # ---- helpers
+
+    def _renderable(self):
+        height = self._console.size.height if self._console is not None else 50
+        return render(self.progress, height)
+
+    def _describe(self, trial) -> tuple[str, str, dict, int]:
+        config = trial.config
+        if trial.trial_id not in self._epochs:
+            self._epochs[trial.trial_id] = config_of(config).train.epochs
+        name = trial_display_name(config, trial.trial_id)
+        return trial.trial_id, name, searched_params(config), self._epochs[trial.trial_id]
+
+    def _say(self, line: str | None) -> None:
+        if line is None or self._live is not None:
+            return
+        print(line, flush=True)
+
+
+def _error_line(trial) -> str:
+    from sdd_search.mlflow_callback import error_summary
+
+    return error_summary(trial)
