@@ -8,8 +8,9 @@ knobs, an epoch progress bar, current and best score, how it ended)::
 
     search · tiny   trials 3/8 done · 2 running   elapsed 1m23s · ~2m10s left
     best val_top1 97.22%  trial-4b4d0205  scales=[1, 2] temperature=4.12 ...
-    trial            scales  temperature  progress          epoch  val_top1   best  state
-    trial-56088443   [1, 2]  5.219        ━━━━━━━━━╺━━━━━━  2/4    95.31%  95.31%  running
+    trial           scales  temperature  progress    epoch  val_top1    best   loss  state
+    trial-56088443  [1, 2]  5.219        ━━━━━─────    2/4    95.31%  95.31%  0.412  running
+    trial-4b4d0205  [1]     4.12         ━━━━━─────    2/4    91.04%  92.71%  0.533  stopped by ASHA
 
 Anywhere else (CI, ``| tee``, a cluster log) it prints one plain line per event: a trial
 started with its knobs, each epoch's score, a trial completed, stopped or failed.
@@ -187,11 +188,12 @@ class StageProgress:
         elif row.epoch >= row.epochs:
             row.state, row.note = "completed", ""
         else:
-            row.state = "stopped"
-            by = "ASHA" if self.asha else "the scheduler"
-            row.note = f"by {by} after epoch {row.epoch} of {row.epochs}"
+            row.state, row.note = "stopped", "by ASHA" if self.asha else "by the scheduler"
         self._recount(trials, finished=1)
-        said = "completed" if row.state == "completed" else f"stopped {row.note}"
+        said = "completed"
+        if row.state == "stopped":
+            why = row.note if row.note.startswith("by ") else f"({row.note})"
+            said = f"stopped {why} after epoch {row.epoch} of {row.epochs}"
         return f"{self._prefix(row)} {said}: {self._scores(row)} · {self._tally()}"
 
     def error(self, trial_id: str, reason: str, trials=None, retrying=False) -> str | None:
@@ -343,39 +345,40 @@ def format_seconds(seconds: float) -> str:
 # The terminal's picture
 
 
-def render(progress: StageProgress, height: int = 50):
+BAR_WIDTH = 10  # characters of the epoch bar
+STATE_STYLES = {"completed": "green", "stopped": "yellow", "failed": "red", "retrying": "red"}
+
+
+def render(progress: StageProgress, height: int = 50, width: int = 160):
     """The rich renderable of ``progress``: the header lines over a table of trials, as many
-    rows as ``height`` (the terminal's lines) leaves room for."""
+    rows as ``height`` (the terminal's lines) leaves room for, fitted to ``width``."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     key, final = progress.score_key, progress.stage == "final"
-    rows = progress.shown_rows(max(3, height - 6))
-    texts = [_row_cells(progress, row) for row in rows]  # (trial, *knobs, epoch, scores...)
-    heads = ["trial", *progress.knobs, "epoch", key, *([] if final else ["best"]), "loss"]
-    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-    for index, head in enumerate(heads):
-        widest = max((len(cells[index]) for cells in texts), default=0)
-        numeric = index > len(progress.knobs)
+    names = ["trial", *progress.knobs, "progress", "epoch", key, *([] if final else ["best"])]
+    names += ["loss", "state"]
+    body = [_row_cells(progress, row) for row in progress.shown_rows(max(3, height - 7))]
+    columns = zip(*body, strict=True) if body else [[] for _ in names]
+    widths = [max((cell.cell_len for cell in column), default=0) for column in columns]
+    heads, kept, state_width = _fit(names, widths, width)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for index in kept:
+        name, widest = names[index], widths[index]
+        numeric = index >= len(progress.knobs) + 2 and name != "state"
+        longest = max(len(line) for line in heads[index].split("\n"))
         table.add_column(
-            head,
+            heads[index],
             no_wrap=True,
             overflow="ellipsis",
             justify="right" if numeric else "left",
-            min_width=max(widest, len(head) if numeric else 1),  # shrink headers, not values
+            # values never shrink (their headers may); the state (a failure's reason) is cut
+            min_width=max(widest, longest if numeric else 1) if name != "state" else None,
+            max_width=state_width if name == "state" else None,
         )
-        if index == len(progress.knobs):
-            table.add_column("progress", no_wrap=True, min_width=6)
-    table.add_column("state", no_wrap=True, overflow="ellipsis", ratio=1)
-    styles = {"completed": "green", "stopped": "yellow", "failed": "red", "retrying": "red"}
-    for row, cells in zip(rows, texts, strict=True):
-        bar = epoch_bar(row.epoch, row.epochs)
-        split = 1 + len(progress.knobs)
-        state = row.state + (f": {row.note}" if row.state in ("failed", "retrying") else "")
-        if row.state == "stopped":
-            state += f" {row.note}"
-        table.add_row(*cells[:split], bar, *cells[split:], Text(state, style=styles.get(row.state)))
+    for cells in body:
+        table.add_row(*(cells[index] for index in kept))
     lines = [Text(progress.header(), style="bold")]
     best = progress.best_line()
     if best:
@@ -383,8 +386,28 @@ def render(progress: StageProgress, height: int = 50):
     return Group(*lines, table)
 
 
-def epoch_bar(epoch: int, epochs: int, width: int = 12):
-    """``━━━━━━──────``: the epochs done out of ``epochs``, readable without colours too."""
+def _fit(names: list[str], widths: list[int], width: int) -> tuple[list[str], list[int], int]:
+    """(the column headers, the columns kept, the state column's width) for a table ``width``
+    wide: the names as they are; else those longer than their values split after each
+    underscore (``complementary_`` over ``weight``); else without the epoch bar too (``epoch``
+    still says x/y). The state column (last) gets what is left, at least 9."""
+    split = [n.replace("_", "_\n") if len(n) > w else n for n, w in zip(names, widths, strict=True)]
+    everything = list(range(len(names)))
+    for heads, kept in (
+        (names, everything),
+        (split, everything),
+        (split, [i for i in everything if names[i] != "progress"]),
+    ):
+        longest = [max(len(line) for line in heads[i].split("\n")) for i in kept[:-1]]
+        used = sum(max(h, widths[i]) for h, i in zip(longest, kept[:-1], strict=True))
+        used += 2 * (len(kept) - 1)
+        if used + min(widths[-1], 16) <= width:  # room for the state, cut first
+            break
+    return heads, kept, max(9, width - used)
+
+
+def epoch_bar(epoch: int, epochs: int, width: int = BAR_WIDTH):
+    """``━━━━━─────``: the epochs done out of ``epochs``, readable without colours too."""
     from rich.text import Text
 
     done = round(width * min(epoch, epochs) / max(epochs, 1))
@@ -393,16 +416,28 @@ def epoch_bar(epoch: int, epochs: int, width: int = 12):
     return bar
 
 
-def _row_cells(progress: StageProgress, row: TrialRow) -> list[str]:
+def _row_cells(progress: StageProgress, row: TrialRow) -> list:
+    """One table row as rich Texts, in the columns' order."""
+    from rich.text import Text
+
     key = progress.score_key
-    return [
+    texts = [
         row.name,
         *_row_knobs(row, progress.knobs),
+        epoch_bar(row.epoch, row.epochs),
         f"{row.epoch}/{row.epochs}",
         format_score(key, row.score),
         *([] if progress.stage == "final" else [format_score(key, row.best)]),
         "-" if math.isnan(row.loss) else f"{row.loss:.4g}",
+        Text(_state_text(row), style=STATE_STYLES.get(row.state, "")),
     ]
+    return [Text(t) if isinstance(t, str) else t for t in texts]
+
+
+def _state_text(row: TrialRow) -> str:
+    if row.state in ("failed", "retrying") or (row.state == "stopped" and row.note[:3] != "by "):
+        return f"{row.state}: {row.note}"
+    return f"{row.state} {row.note}".strip()
 
 
 def _row_knobs(row: TrialRow, knobs: list[str]) -> list[str]:
@@ -434,11 +469,12 @@ class LiveView(Callback):
         self._live = None
         self._console = None
         self._epochs: dict[str, int] = {}
+        self._set_up = False  # setup() ran: Tune started the stage
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_live"] = state["_console"] = None
-        state["progress"] = None
+        state["progress"], state["_set_up"] = None, False
         return state
 
     def __setstate__(self, state):
@@ -451,6 +487,7 @@ class LiveView(Callback):
         from rich.console import Console
 
         self.progress = StageProgress(**self._settings)
+        self._set_up = True
         if total_num_samples:
             self.progress.total = total_num_samples
         self._console = Console()
@@ -501,7 +538,7 @@ class LiveView(Callback):
 
     def close(self) -> None:
         """End the stage's view: the last picture stays on the screen (or a closing line)."""
-        if self.progress.ended:
+        if self.progress.ended or not self._set_up:
             return
         line = self.progress.end()
         if self._live is not None:
@@ -514,8 +551,8 @@ class LiveView(Callback):
     # ---- helpers
 
     def _renderable(self):
-        height = self._console.size.height if self._console is not None else 50
-        return render(self.progress, height)
+        size = self._console.size
+        return render(self.progress, size.height, size.width)
 
     def _describe(self, trial) -> tuple[str, str, dict, int]:
         config = trial.config

@@ -78,6 +78,7 @@ class MlflowTrialCallback(Callback):
         self.buffer = TrackingBuffer(outage_seconds, uri)
         self._opened: set[str] = set()  # trials whose run this driver opened
         self._stopped = False  # the server stayed away too long: nothing more is tried
+        self._done_before: set[str] | None = None  # trials a restored experiment had finished
         # trial id -> wall-clock marks (seconds since the epoch) and summed loop seconds
         self.timings: dict[str, dict[str, float]] = {}
         self.logged_epochs: dict[str, int] = {}
@@ -86,6 +87,7 @@ class MlflowTrialCallback(Callback):
 
     def setup(self, **info):
         self.fit_started = time.time()
+        self._done_before = None  # each fit (references, search, final) has its own trials
 
     def has_ended(self, trial_id: str) -> bool:
         """Whether a trial ran to its end (completed, stopped early or failed for good): in
@@ -166,6 +168,8 @@ class MlflowTrialCallback(Callback):
     def on_step_begin(self, iteration, trials, **info):
         """Try again what waits (when due); stop the search once the server stayed away too
         long (raised here, in Tune's loop, it ends the fit; Tune's last saved state resumes)."""
+        if self._done_before is None:
+            self._done_before = {t.trial_id for t in trials if t.status in _ENDED}
         if self._stopped:
             return
         self.buffer.flush(self._send)
@@ -177,11 +181,13 @@ class MlflowTrialCallback(Callback):
 
     def on_experiment_end(self, trials, **info):
         """Send everything before the fit returns (the search reads MLflow next). A fit that
-        ended with trials unfinished (Ctrl-C) does not wait for the server: Tune saved what
-        waits with its state just before, and the resumed driver sends it."""
+        ended with trials unfinished (Ctrl-C: Tune marks them terminated as it cleans up, but
+        this driver saw no end of theirs) does not wait for the server: Tune saved what waits
+        with its state just before, and the resumed driver sends it."""
         if self._stopped:
             return
-        if any(getattr(t, "status", "TERMINATED") not in ("TERMINATED", "ERROR") for t in trials):
+        done = self.ended | (self._done_before or set())
+        if any(t.trial_id not in done for t in trials):
             self.buffer.flush(self._send, now=True)
             return
         try:
@@ -274,6 +280,9 @@ class MlflowTrialCallback(Callback):
             trial.trial_id,
             {"sdd_search.retried": "yes", "sdd_search.last_error": error_summary(trial)},
         )
+
+
+_ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
 
 
 def _final_tags(config: dict) -> dict[str, str]:

@@ -131,7 +131,7 @@ def test_plain_lines_one_per_event(write_spec, tmp_path, capsys):
 
 def screen(progress: StageProgress, width: int = 160) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=True)
-    console.print(render(progress))
+    console.print(render(progress, 50, width))
     return console.file.getvalue()
 
 
@@ -170,12 +170,30 @@ def test_the_terminal_picture(write_spec, tmp_path, capsys):
         "state",
     ]
     row_a = next(line for line in lines if line.startswith("trial-aaaa0001"))
-    assert "[1, 2]" in row_a and "━━━━━━──────" in row_a and "1/2" in row_a
+    assert "[1, 2]" in row_a and "━━━━━─────" in row_a and "1/2" in row_a
     assert "50.00%" in row_a and "running" in row_a
     row_b = next(line for line in lines if line.startswith("trial-bbbb0002"))
-    assert "5.219" in row_b and "stopped by ASHA after epoch 1 of 2" in row_b
+    assert "5.219" in row_b and row_b.endswith("stopped by ASHA")
     assert lines.index(row_a) < lines.index(row_b)  # running trials first
     assert len(capsys.readouterr().out.splitlines()) == 6  # start, 2 starts, 2 epochs, a stop
+
+
+def test_a_narrow_terminal_cuts_the_reason_never_the_numbers():
+    progress = StageProgress("search", "tiny", "val_top1", "max", KNOBS, epochs=2, total=2)
+    knobs = {"scales": [1, 2], "temperature": 4.0, "complementary_weight": 2.0}
+    progress.start("a", "trial-aaaa0001", knobs, 2)
+    progress.start("b", "trial-bbbb0002", knobs, 2)
+    progress.result("b", {"epoch": 1, "val_top1": 50.0, "train_loss": 1.0})
+    progress.error("a", "ActorUnavailableError: " + "the actor is unavailable " * 8, retrying=True)
+    for width in (160, 100):
+        lines = screen(progress, width).splitlines()
+        assert max(len(line.rstrip()) for line in lines[2:]) <= width
+        header = " ".join(lines[2:4])  # the header may take two lines when narrow
+        for column in ("trial", "epoch", "best", "loss", "state", "top1"):
+            assert column in header, (width, lines)
+        row = next(line for line in lines if line.startswith("trial-aaaa0001"))
+        assert "0/2" in row and "retrying: Actor" in row and row.rstrip().endswith("…")
+        assert "50.00%" in next(line for line in lines if line.startswith("trial-bbbb0002"))
 
 
 def test_the_final_stage_shows_its_test_score_and_no_best(write_spec, capsys):

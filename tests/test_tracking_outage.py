@@ -214,6 +214,24 @@ def test_the_callback_stops_the_search_in_tunes_loop_once_the_bound_passes():
     callback.on_experiment_end([])  # Tune's clean-up after the raise: returns at once
 
 
+def test_an_interrupted_fit_ends_without_waiting_for_the_server():
+    """Ctrl-C while the server is away: Tune marks the running trials terminated as it cleans
+    up; the callback saw no end of theirs, so it leaves what waits to Tune's saved state."""
+    from sdd_search.mlflow_callback import MlflowTrialCallback
+
+    callback = MlflowTrialCallback(closed_port_uri(), "sdd-search/tiny", "/runs/tiny", 600)
+    trial = _trial("aaa01")
+    trial.status = "RUNNING"
+    callback.setup()
+    callback.on_step_begin(0, [trial])
+    callback.on_trial_start(0, [trial], trial)
+    trial.status = "TERMINATED"
+    started = time.monotonic()
+    callback.on_experiment_end([trial])
+    assert time.monotonic() - started < 15  # one quick try, not a wait of outage_seconds
+    assert [operation[0] for operation in callback.get_state()["pending"]] == ["run", "tags"]
+
+
 # --------------------------------------------------------------------------------------------
 # The real thing: a search whose `mlflow server` is killed and restarted mid-trial
 
@@ -324,7 +342,7 @@ def test_a_server_killed_and_restarted_mid_search_gets_every_epoch_once(
     # The trials trained while the server was away (Tune's own record of each epoch's time).
     stamps = [r["timestamp"] for epochs in reported.values() for r in epochs.values()]
     assert any(away_at <= stamp <= back_at for stamp in stamps), (away_at, back_at, stamps)
-    client = MlflowClient(tracking_uri=url)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/srv.db")  # the server's store
     experiment = client.get_experiment_by_name("sdd-search/tiny")
     runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
     assert sorted(r.data.tags["sdd_search.trial_id"] for r in runs) == sorted(reported)
