@@ -23,7 +23,9 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 4
+# Epochs cost ~1 s here, a trial's start-up ~30-60 s: 8 epochs let the trial behind (started
+# up to ~10 s later on a busy machine) report its first epoch before the one ahead finishes.
+EPOCHS = 8
 
 
 def _logged(client: MlflowClient) -> dict[str, int]:
