@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from sdd_search import stopping
 from sdd_search.plan import resolved_plan
 from sdd_search.spec import SpecError, default_spec_path, load_spec
 
@@ -85,15 +86,13 @@ def search(argv: list[str]) -> int:
 
     _set_up_output(args.verbose)
     from sdd_search.driver_lock import DriverLockError
-    from sdd_search.leaderboard import format_leaderboard
     from sdd_search.ray_compat import RayCompatError
-    from sdd_search.report import final_heading, leaderboard_heading
     from sdd_search.search import SearchError, run_search  # Ray's settings: run_search's own
     from sdd_search.teacher import TeacherError
-    from sdd_search.tracking import runs_page
     from sdd_search.tracking_buffer import TrackingUnavailableError
     from sdd_search.tuning import SearchInterrupted
 
+    stopping.install()  # SIGTERM stops the search as Ctrl-C does
     try:
         outcome = run_search(
             spec, resume=args.resume, address=args.address, spec_text=spec_path.read_text()
@@ -112,11 +111,23 @@ def search(argv: list[str]) -> int:
     except (KeyboardInterrupt, SearchInterrupted):
         again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
         command = shlex.join(["sdd-search", *again, "--resume"])
+        how = " (SIGTERM)" if stopping.terminated() else ""
         print(
-            f"\nsdd-search: interrupted; nothing registered; continue with: {command}",
+            f"\nsdd-search: interrupted{how}; nothing registered; continue with: {command}",
             file=sys.stderr,
         )
-        return 130
+        return 143 if stopping.terminated() else 130
+    _print_outcome(spec, args, outcome)
+    return 0
+
+
+def _print_outcome(spec, args, outcome) -> None:
+    """What a finished search prints: the leaderboard, the final report, what was registered,
+    the overhead, and where to look next."""
+    from sdd_search.leaderboard import format_leaderboard, registered_as
+    from sdd_search.report import final_heading, leaderboard_heading
+    from sdd_search.tracking import runs_page
+
     print()
     print(leaderboard_heading(spec))  # the report prints the same lines (sdd_search.report)
     print(format_leaderboard(outcome.leaderboard))
@@ -125,8 +136,10 @@ def search(argv: list[str]) -> int:
         print(outcome.final_report)
     if outcome.best_student_path:
         print(f"\nbest student: {outcome.best_student_path}")
-    for trial_id, version in outcome.registered:
-        print(f"registered {spec.registered_model_name} v{version} (trial {trial_id})")
+    for trial_id, version, *name in outcome.registered:
+        print(
+            f"registered {spec.registered_model_name} v{version} ({registered_as(trial_id, name)})"
+        )
     if outcome.registered:
         print(
             f"alias {spec.tracking.alias!r} -> models:/{spec.registered_model_name}@{spec.tracking.alias}"
@@ -146,7 +159,6 @@ def search(argv: list[str]) -> int:
     print(f"browse every trial: {runs_page(outcome.tracking_uri, outcome.experiment_id)}")
     again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
     print(f"again, without Ray: {shlex.join(['sdd-search', 'report', *again])} [--format csv]")
-    return 0
 
 
 if __name__ == "__main__":

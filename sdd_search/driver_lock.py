@@ -98,6 +98,7 @@ class _LocalStore:
         return str(self.path)
 
     def create(self, text: str) -> bool:
+        self.made_folder = not self.folder.exists()  # removed with the lock if left empty
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -131,6 +132,9 @@ class _LocalStore:
             return False
         if aside.read_text() == text:
             aside.unlink()
+            if getattr(self, "made_folder", False):  # a refused start leaves no empty folder
+                with contextlib.suppress(OSError):  # not empty: the search's own files
+                    self.folder.rmdir()
             return True
         with contextlib.suppress(FileExistsError):  # not the one judged: put another's back
             os.link(aside, self.path)

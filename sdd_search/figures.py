@@ -262,6 +262,8 @@ def continuous_slices(sources: Sources):
     for ax in axes.flat if hasattr(axes, "flat") else [axes]:
         _retitle(ax)
         ax.set_xlabel(ax.get_xlabel(), fontsize=11)  # Optuna names each axis by the knob
+        if ax.get_xscale() == "log":  # minor labels (2x10^-2, 3x10^-2...) overlap: plain ticks
+            _plain_log_ticks(ax)
     figure.suptitle(
         f"{spec.search.metric} against each continuous knob ({len(trials)} trials; "
         "colour: trial number)",
@@ -270,6 +272,15 @@ def continuous_slices(sources: Sources):
     )
     figure.set_size_inches(max(6, 4.2 * len(knobs)), 4.5)
     return figure
+
+
+def _plain_log_ticks(ax) -> None:
+    """A log axis labelled at a few plain numbers (0.01, 0.02, 0.05...), no minor labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 # -- the MLflow figures -----------------------------------------------------------------------

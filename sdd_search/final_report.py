@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from sdd_search.space import knobs_text
+
 CONFIDENCE = 0.95
 KD = "kd"  # the entry every other one is compared with, seed by seed
 REFERENCE_ROLES = ("baseline", "kd", "paper")  # label-only, plain KD, the spec's own SDD point
@@ -131,10 +133,30 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+REFERENCE_LEGEND = {
+    "baseline": "the student trained on labels alone",
+    "kd": "plain KD (global logits only, the spec's temperature)",
+    "paper": "SDD at the spec's own distill: point, unsearched",
+}
+
+
+def _notes(report: FinalReport, names: list[str]) -> list[str]:
+    """Below the table: what the numbers are, what the references are, a verdict per entry."""
+    lines = [
+        "test top-1: the dataset's test split, read once per run at its last epoch; "
+        "std over seeds (ddof=1); the champion is chosen by "
+        f"{report.mode} {report.metric} on the selection split, never by test."
+    ]
+    legend = [f"{name} = {REFERENCE_LEGEND[name]}" for name in names if name in REFERENCE_LEGEND]
+    if legend:
+        lines.append("; ".join(legend) + ".")
+    return lines + verdicts(report)
+
+
 def _knobs(knobs: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items()
-    )
+    """As the leaderboard writes them: the knob table's order, a knob of another base loss
+    than the entry's (dkd_beta on a kd entry) left out; "" when none was searched."""
+    return knobs_text(knobs) if knobs else ""
 
 
 def report_rows(report: FinalReport) -> list[dict[str, Any]]:
@@ -225,7 +247,7 @@ def format_report(report: FinalReport, fmt: str = "table") -> str:
         f"selection {report.metric}",
         "test top-1 mean ± std (n)",
         "vs plain KD: mean [95% CI]",
-        "paper",
+        "published",
         "knobs",
     ]
     body = []
@@ -261,11 +283,5 @@ def format_report(report: FinalReport, fmt: str = "table") -> str:
         ]
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    lines.append("")
-    lines.append(
-        "test top-1: the dataset's test split, read once per run at its last epoch; "
-        "std over seeds (ddof=1); the champion is chosen by "
-        f"{report.mode} {report.metric} on the selection split, never by test."
-    )
-    lines += verdicts(report)
+    lines += ["", *_notes(report, [r["name"] for r in rows])]
     return "\n".join(lines)

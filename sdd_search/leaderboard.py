@@ -24,10 +24,9 @@ import math
 from typing import Any
 
 from sdd_search.space import (
-    BASE_SPECIFIC,
     REFERENCE_NAMES,
     SEARCH_ROLE,
-    SEARCHABLE,
+    knobs_text,
     role_of,
     searched_params,
     trial_display_name,
@@ -211,23 +210,6 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def knobs_text(params: dict[str, Any]) -> str:
-    """The knobs a trial used, as the table shows them: ``scales=[1, 2], temperature=4``
-    in the knob table's order (one order, from Tune or MLflow); a knob of another base loss
-    than the trial's is left out; "(spec values)" when none was searched."""
-    base = params.get("base")
-    shown = [
-        f"{k}={_short(params[k])}"
-        for k in sorted(params, key=_knob_order)
-        if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
-    ]
-    return ", ".join(shown) or "(spec values)"
-
-
-def _knob_order(knob: str) -> int:
-    return list(SEARCHABLE).index(knob) if knob in SEARCHABLE else len(SEARCHABLE)
-
-
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -237,3 +219,9 @@ def csv_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {k: v for k, v in r.items() if k != "params"} | {"params": str(r["params"])} for r in rows
     ]
+
+
+def registered_as(trial_id: str, name: list[str]) -> str:
+    """``run finalist-1-seed0``: the MLflow run as every table names it (``trial <Tune id>``
+    for a search registered before run names were kept)."""
+    return f"run {name[0]}" if name and name[0] else f"trial {trial_id}"

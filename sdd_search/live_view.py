@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 from ray.tune import Callback
@@ -87,6 +88,11 @@ class TrialRow:
     state: str = "running"
     note: str = ""
     order: int = 0
+    # For the time left: when this run (re)started here, its first and latest fresh epoch.
+    started_at: float = NAN
+    first_epoch_at: float = NAN
+    last_epoch_at: float = NAN
+    fresh_epochs: int = 0
 
 
 @dataclass
@@ -115,6 +121,7 @@ class StageProgress:
     running: int = 0
     started: float = 0.0
     trained_epochs: int = 0  # epochs trained (not replayed) since the stage started here
+    peak_running: int = 0  # the most trials seen running at once: the stage's concurrency
     ended: bool = False
 
     def __post_init__(self):
@@ -153,7 +160,10 @@ class StageProgress:
         if row is None:
             row = self.rows[trial_id] = TrialRow(name, knobs, epochs, order=len(self.rows))
         row.state, row.note = "running", ""
+        if not already_running:
+            row.started_at, row.first_epoch_at, row.fresh_epochs = self.clock(), NAN, 0
         self._recount(trials, started=0 if already_running else 1)
+        self.peak_running = max(self.peak_running, self.running)
         verb = "resumed" if resumed else "started"
         return f"{self._prefix(row)} {verb}" + (f": {format_knobs(knobs)}" if knobs else "")
 
@@ -167,6 +177,10 @@ class StageProgress:
             return None
         if not result.get("replayed"):
             self.trained_epochs += max(0, epoch - row.epoch)
+            now = self.clock()
+            if math.isnan(row.first_epoch_at):
+                row.first_epoch_at = now
+            row.last_epoch_at, row.fresh_epochs = now, row.fresh_epochs + 1
         row.epoch = max(row.epoch, epoch)
         row.loss = float(result.get("train_loss", row.loss))
         if self.score_key in result:
@@ -232,14 +246,23 @@ class StageProgress:
         return max(0.0, self.clock() - self.started)
 
     def seconds_left(self) -> float | None:
-        """Time left at the pace so far (epochs trained per second, start-up included); None
-        before the first epoch. An upper bound where ASHA stops trials early."""
-        if self.trained_epochs <= 0:
+        """Time left at the pace measured so far: seconds per epoch (between a trial's own
+        epoch reports, so start-up is not counted per epoch) and each trial's start-up (start
+        to first epoch, less one epoch), spread over the trials that run at once. None until
+        some trial has reported two fresh epochs. An upper bound where ASHA stops trials."""
+        paced = [r for r in self.rows.values() if r.fresh_epochs >= 2]
+        if not paced:
             return None
+        per_epoch = median(
+            (r.last_epoch_at - r.first_epoch_at) / (r.fresh_epochs - 1) for r in paced
+        )
+        started = [r for r in self.rows.values() if not math.isnan(r.first_epoch_at)]
+        startup = max(0.0, median(r.first_epoch_at - r.started_at for r in started) - per_epoch)
         unfinished = [r for r in self.rows.values() if r.state not in _FINISHED_STATES]
-        remaining = sum(max(0, r.epochs - r.epoch) for r in unfinished)
-        remaining += max(0, self.total - self.done - len(unfinished)) * self.epochs  # not started
-        return remaining * self.elapsed() / self.trained_epochs
+        work = sum(max(0, r.epochs - r.epoch) for r in unfinished) * per_epoch
+        waiting = max(0, self.total - self.done - len(unfinished))  # not started yet
+        work += waiting * (startup + self.epochs * per_epoch)
+        return work / max(1, self.peak_running, self.running)
 
     def best_row(self) -> TrialRow | None:
         """The trial with the best selection score so far (its latest value: the one the
@@ -383,6 +406,8 @@ def render(progress: StageProgress, height: int = 50, width: int = 160):
     best = progress.best_line()
     if best:
         lines.append(Text(best, style="cyan"))
+    if not body:  # e.g. a stage that had finished before a resume: its header says it all
+        return Group(*lines)
     return Group(*lines, table)
 
 

@@ -40,7 +40,12 @@ from sdd_search.tracking import (
     SearchTracker,
     flatten,
 )
-from sdd_search.tracking_buffer import TrackingBuffer, TrackingUnavailableError
+from sdd_search.tracking_buffer import (
+    TrackingBuffer,
+    TrackingUnavailableError,
+    failing_fast,
+    is_unreachable,
+)
 from sdd_search.trial import TIMING_PREFIX, WORKER_FACTS
 
 # The result keys logged as per-epoch MLflow metrics.
@@ -95,10 +100,18 @@ class MlflowTrialCallback(Callback):
         interrupted fit left running has not."""
         if trial_id in self.ended:
             return True
-        run_id = self.tracker.run_id_of(trial_id)
-        if run_id is None:
-            return False
-        status = self.tracker.client.get_run(run_id).data.tags.get(TAG_STATUS)
+        if self.buffer.pending or self.buffer.down_for:  # the server is away: not known here
+            return False  # (an interrupted search: --resume asks again)
+        with failing_fast():
+            try:
+                run_id = self.tracker.run_id_of(trial_id)
+                if run_id is None:
+                    return False
+                status = self.tracker.client.get_run(run_id).data.tags.get(TAG_STATUS)
+            except Exception as error:  # noqa: BLE001 (only an unreachable server is swallowed)
+                if is_unreachable(error):
+                    return False
+                raise
         return status in ("completed", "stopped", "failed")
 
     def __getstate__(self):

@@ -118,7 +118,7 @@ def register(
     if done is not None:
         registered = [tuple(pair) for pair in json.loads(done)]
         return registered, best_path if registered and Path(best_path or "").is_file() else None
-    registered: list[tuple[str, str]] = []
+    registered: list[tuple[str, ...]] = []  # (Tune trial id, version, MLflow run name)
     size = info.image_size
     example = np.zeros((2, info.channels, size, size), dtype=np.float32)
     for rank, pick in enumerate(picks):
@@ -139,6 +139,6 @@ def register(
             tracker.client.update_model_version(name, version, description=pick["description"])
         if not registered:
             tracker.set_alias(name, spec.tracking.alias, version)
-        registered.append((pick["trial"], version))
+        registered.append((pick["trial"], version, tracker.client.get_run(run_id).info.run_name))
     tracker.set_tags(tracker.parent_run_id, {TAG_REGISTERED: json.dumps(registered)})
     return registered, best_path if registered else None

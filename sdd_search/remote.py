@@ -533,3 +533,31 @@ def listed_source(source, uri: str):
     return dataclasses.replace(
         source, num_classes=lambda options: len(classes), labels=labels, read=read
     )
+
+
+def read_text(uri: str) -> str | None:
+    """The text of the file at ``uri`` (a local path or an object-store URI); None if absent."""
+    if not is_object_store(uri):
+        path = Path(uri)
+        return path.read_text() if path.is_file() else None
+    from pyarrow import fs
+
+    store, path = filesystem(uri)
+    if store.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    with store.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` to ``uri`` whole (local: via a temporary file and a rename)."""
+    if not is_object_store(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(text)
+        partial.replace(path)
+        return
+    store, path = filesystem(uri)
+    with store.open_output_stream(path) as stream:
+        stream.write(text.encode())

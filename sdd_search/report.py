@@ -212,7 +212,7 @@ def champion_of(record: SearchRecord) -> dict[str, Any] | None:
     registered = json.loads(record.parent.data.tags.get(TAG_REGISTERED) or "[]")
     if not registered:
         return None
-    trial_id, version = registered[0]
+    trial_id, version = registered[0][:2]
     name, alias = spec.registered_model_name, spec.tracking.alias
     try:
         alias_version = record.client.get_model_version_by_alias(name, alias).version
@@ -230,7 +230,10 @@ def champion_of(record: SearchRecord) -> dict[str, Any] | None:
         "run_name": run.info.run_name if run else None,
         "run_id": run.info.run_id if run else None,
         "best_student": str(best) if best.is_file() else None,
-        "registered": [{"trial": t, "version": str(v)} for t, v in registered],
+        "registered": [
+            {"trial": t, "version": str(v), "run_name": (name or [""])[0]}
+            for t, v, *name in registered
+        ],
     }
 
 
@@ -367,7 +370,8 @@ def _champion_lines(record: SearchRecord, champion) -> list[str]:
         lines.append(f"best student: {champion['best_student']}")
     for pick in champion["registered"]:
         lines.append(
-            f"registered {champion['registered_model']} v{pick['version']} (trial {pick['trial']})"
+            f"registered {champion['registered_model']} v{pick['version']} "
+            f"({leaderboard.registered_as(pick['trial'], [pick['run_name']])})"
         )
     moved = champion["alias_version"] not in (None, champion["version"])
     where = f"v{champion['version']}" + (

@@ -12,11 +12,20 @@ Ray stays at the edges: this module imports Ray only inside :func:`run_search`, 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdd_search import driver_lock, final_report, final_stage, leaderboard, overhead, tuning
+from sdd_search import (
+    driver_lock,
+    final_report,
+    final_stage,
+    leaderboard,
+    overhead,
+    resume_check,
+    tuning,
+)
 from sdd_search.config import TrialConfig
 from sdd_search.figures import make_figures
 from sdd_search.plan import resolved_plan
@@ -26,7 +35,12 @@ from sdd_search.report import write_record
 from sdd_search.space import REFERENCE_NAMES
 from sdd_search.spec import Spec
 from sdd_search.tracking import TAG_OUTCOME, SearchTracker
-from sdd_search.tracking_buffer import TrackingUnavailableError, check_reachable
+from sdd_search.tracking_buffer import (
+    TrackingUnavailableError,
+    check_reachable,
+    failing_fast,
+    is_unreachable,
+)
 
 
 class SearchError(RuntimeError):
@@ -42,7 +56,7 @@ class SearchOutcome:
     parent_run_id: str
     leaderboard: list[dict[str, Any]]
     best_student_path: str | None
-    registered: list[tuple[str, str]] = field(default_factory=list)  # (trial_id, version)
+    registered: list[tuple[str, ...]] = field(default_factory=list)  # (trial_id, version, name)
     tracking_uri: str = ""
     wall_seconds: float = 0.0  # the whole search, seconds
     overhead: dict[str, float] = field(default_factory=dict)  # overhead.summarise's figures
@@ -75,6 +89,8 @@ def _run_search(spec: Spec, *, resume: bool, address: str | None, spec_text: str
     apply_ray_env_defaults()  # before Ray is imported: ray.train reads RAY_TRAIN_V2_ENABLED
     _check_storage(spec, resume)
     check_reachable(spec.tracking.uri)  # a server that does not answer: one line, before Ray
+    if not resume:
+        resume_check.record(spec)  # what --resume must find unchanged
     log(resolved_plan(spec))
     for name, loss in missing().items():
         log(f"warning: this Ray lacks {name} (sdd_search/ray_compat.py): {loss}")
@@ -99,12 +115,14 @@ def _run_search(spec: Spec, *, resume: bool, address: str | None, spec_text: str
         raise
     except (KeyboardInterrupt, tuning.SearchInterrupted):
         # Nothing is registered and no alias moves: only a search that ran to its end does.
-        tracker.set_tags(tracker.parent_run_id, {TAG_OUTCOME: "interrupted"})
         status = "KILLED"
+        with _quick_if_away():  # the parent's mark: one quick try, the stop never waits on it
+            tracker.set_tags(tracker.parent_run_id, {TAG_OUTCOME: "interrupted"})
         raise
     finally:
         if status not in ("FINISHED", "UNREACHABLE"):
-            tracker.finish_parent(status)
+            with _quick_if_away():
+                tracker.finish_parent(status)
 
     rows = search_rows + reference_rows
     report = _final_report(spec, tracker, final)
@@ -130,6 +148,20 @@ def _run_search(spec: Spec, *, resume: bool, address: str | None, spec_text: str
     )
 
 
+@contextlib.contextmanager
+def _quick_if_away():
+    """An MLflow call on the way out of a stopped search: tried once, without MLflow's own
+    retries (minutes against a server that is away); if the server does not answer, the
+    search still stops at once and the parent run keeps its RUNNING status (the resume or
+    `sdd-search report` shows the search as interrupted from its driver lock and Tune state)."""
+    with failing_fast():
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 (only an unreachable server is swallowed)
+            if not is_unreachable(error):
+                raise
+
+
 def _check_storage(spec: Spec, resume: bool) -> None:
     """A new search must not exist yet under the spec's storage, a resumed one must.
 
@@ -147,10 +179,22 @@ def _check_storage(spec: Spec, resume: bool) -> None:
         raise SearchError(
             f"--resume: no search {spec.name!r} at {path} to resume (drop --resume to start it)"
         )
+    if resume and (changed := resume_check.changed_field(spec)):
+        raise SearchError(changed)
     try:  # the Optuna study: reachable, and a new search's own
         study = bool(spec.space) and tuning.optuna_study_exists(spec)
     except ValueError as error:
         raise SearchError(str(error)) from error
+    if resume and not study and spec.space and tuning.can_restore(f"{path}/search"):
+        raise SearchError(
+            f"--resume: the search's Optuna study is not in {tuning.optuna_storage_url(spec)}; "
+            + (
+                "a search on object storage keeps its study where it started: run from that "
+                "folder, or give search.optuna_storage a database both machines reach"
+                if "://" in path and not spec.search.optuna_storage
+                else "restore that database, or --set name=... to start another search"
+            )
+        )
     if study and not resume:
         url = tuning.optuna_storage_url(spec)
         raise SearchError(

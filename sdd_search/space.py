@@ -257,3 +257,25 @@ def baseline_point(trial: TrialConfig, knobs: Iterable[str]) -> dict[str, Any]:
     return {
         knob: encode_choice(knob, getattr(getattr(trial, SEARCHABLE[knob]), knob)) for knob in knobs
     }
+
+
+def knobs_text(params: dict[str, Any]) -> str:
+    """The knobs a trial used, as every table shows them: ``scales=[1, 2], temperature=4``
+    in the knob table's order (one order, from Tune or MLflow); a knob of another base loss
+    than the trial's (dkd_beta on a kd trial) is left out; "(spec values)" when none was
+    searched."""
+    base = params.get("base")
+    shown = [
+        f"{k}={_short(params[k])}"
+        for k in sorted(params, key=_knob_order)
+        if k not in BASE_SPECIFIC or not base or BASE_SPECIFIC[k] == base
+    ]
+    return ", ".join(shown) or "(spec values)"
+
+
+def _knob_order(knob: str) -> int:
+    return list(SEARCHABLE).index(knob) if knob in SEARCHABLE else len(SEARCHABLE)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -7,10 +7,15 @@ resumed search keeps one run per trial and never duplicates one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import platform
+import re
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -292,7 +297,7 @@ class SearchTracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
-            with mlflow.start_run(run_id=run_id, nested=True):
+            with _registry_notices_hidden(), mlflow.start_run(run_id=run_id, nested=True):
                 info = mlflow.pytorch.log_model(
                     wrapped,
                     name="student",
@@ -310,3 +315,27 @@ class SearchTracker:
 
     def set_alias(self, registered_model: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_model, alias, version)
+
+
+_REGISTRY_NOTICE = re.compile(
+    r"^(Successfully registered model '|Created version '\d+' of model '|Registered model '.*' "
+    r"already exists\. Creating a new version)"
+)
+
+
+@contextlib.contextmanager
+def _registry_notices_hidden():
+    """MLflow prints "Successfully registered model ..." and "Created version ..." to stderr
+    itself (``eprint``, not its logger); the search prints its own line per version. Hidden
+    unless MLflow's logger shows INFO (``sdd-search -v``); any other line still goes out."""
+    if logging.getLogger("mlflow").getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [ln for ln in captured.getvalue().splitlines() if not _REGISTRY_NOTICE.match(ln)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)

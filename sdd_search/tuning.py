@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdd_search import ray_compat
+from sdd_search import ray_compat, stopping
 from sdd_search.ray_compat import HEAD_NODE_RESOURCE
 from sdd_search.space import (
     FINAL_KEY,
@@ -45,12 +45,13 @@ def start_ray(address: str | None) -> None:
     level = max(logging.WARNING, logging.getLogger("ray").level)
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=level)
-        return
-    # "local" always starts a fresh Ray, never joins another one running on this machine.
-    # The dashboard serves the state API that Ray Train's placement-group cleaner needs
-    # to free the workers of early-stopped trials.
-    ray_compat.apply_ray_env_defaults(local_ray=True)  # the local raylet's workers inherit these
-    ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level=level)
+    else:
+        # "local" always starts a fresh Ray, never joins another one running on this machine.
+        # The dashboard serves the state API that Ray Train's placement-group cleaner needs
+        # to free the workers of early-stopped trials.
+        ray_compat.apply_ray_env_defaults(local_ray=True)  # the local raylet's workers inherit
+        ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level=level)
+    stopping.reinstall()  # ray.init replaced the SIGTERM handler with sys.exit
 
 
 def put_teacher(teacher_state: dict) -> dict:

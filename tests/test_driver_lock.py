@@ -169,20 +169,42 @@ def test_a_lock_on_s3_storage(tmp_path, monkeypatch):
         server.stop()
 
 
-def test_a_second_sdd_search_is_refused_naming_the_running_driver(write_spec, tmp_path, sleeper):
-    """Through the CLI, before anything starts: exit 2, one line naming the live driver."""
-    spec = write_spec()
-    lock = _write_lock(tmp_path / "runs" / "tiny", pid=sleeper.pid, command="sdd-search spec.yaml")
-    result = subprocess.run(  # --resume takes the lock too (tests/test_search.py: without)
+def _resume(spec: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`sdd-search SPEC --resume`, as a user runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "sdd_search", str(spec), "--resume"],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_a_second_sdd_search_is_refused_naming_the_running_driver(write_spec, tmp_path, sleeper):
+    """Through the CLI, before anything starts: exit 2, one line naming the live driver."""
+    spec = write_spec()
+    lock = _write_lock(tmp_path / "runs" / "tiny", pid=sleeper.pid, command="sdd-search spec.yaml")
+    result = _resume(spec, tmp_path)  # --resume takes the lock too (test_search.py: without)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("sdd-search: error: search 'tiny' is already running: "), line
     assert f"driver pid {sleeper.pid} on host {socket.gethostname()} since " in line
     assert "(sdd-search spec.yaml)" in line and "teacher" not in result.stdout
     assert json.loads(lock.read_text())["pid"] == sleeper.pid  # left alone
+
+
+def test_a_refused_start_leaves_no_folder_behind(write_spec, tmp_path):
+    """`--resume` of a search that does not exist: refused in one line, and the lock's folder
+    it made for the check is gone with the lock (no empty runs/tiny/ to confuse a later run)."""
+    spec = write_spec()
+    result = _resume(spec, tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sdd-search: error: --resume: no search 'tiny' at "), line
+    assert not (tmp_path / "runs" / "tiny").exists()
+    # A folder that was there before (the search's own files) is kept, lock gone.
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    with hold(str(tmp_path / "runs" / "tiny"), "tiny"):
+        pass
+    assert (tmp_path / "runs" / "tiny").is_dir()
+    assert not (tmp_path / "runs" / "tiny" / LOCK_FILE).exists()

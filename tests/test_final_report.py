@@ -84,3 +84,21 @@ def test_every_format_carries_the_same_numbers(fmt):
         if fmt == "markdown":
             assert text.startswith("| entry |")
     assert means["finalist-2"] == pytest.approx(80.5)
+
+
+def test_knobs_are_written_as_the_leaderboard_writes_them_and_references_are_explained():
+    finalist = FinalEntry(
+        "finalist-1",
+        "finalist",
+        {"temperature": 4.0, "dkd_beta": 8.0, "base": "kd", "scales": [1, 2]},
+        "t1",
+        95.0,
+        {0: 70.0, 1: 73.0},
+    )
+    report = summarise([finalist, *entries()[2:]], metric="val_top1", mode="max")
+    text = format_report(report)
+    row = next(line for line in text.splitlines() if line.startswith("finalist-1"))
+    # The leaderboard's order, and dkd_beta (a DKD knob) is not shown on a KD entry.
+    assert row.endswith("scales=[1, 2], base=kd, temperature=4"), row
+    assert "baseline = the student trained on labels alone" in text
+    assert "kd = plain KD" in text and "paper = " not in text  # no paper entry here

@@ -21,11 +21,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
+import numpy as np
 import optuna
 import pytest
+import torch
+from mlflow import MlflowClient
 from rich.console import Console
 
 from sdd_search import live_view, tuning
+from sdd_search.data import build_datasets_and_loaders
 from sdd_search.live_view import LiveView, StageProgress, format_seconds, render
 from sdd_search.space import FINAL_KEY, FINAL_ROLE, ROLE_KEY, TRIAL_KEY
 from sdd_search.spec import load_spec
@@ -135,6 +140,28 @@ def screen(progress: StageProgress, width: int = 160) -> str:
     return console.file.getvalue()
 
 
+def test_time_left_counts_each_trials_start_up_once():
+    """4 trials x 4 epochs, 2 at a time, 20 s start-up and 5 s an epoch: once a trial has two
+    epochs timed, the time left is the epochs left at 5 s plus a start-up per waiting trial."""
+    clock = Clock()
+    stage = live_view.StageProgress("final", "tiny", "val_top1", "max", [], 4, total=4, clock=clock)
+    stage.start("a", "a", {}, 4)
+    stage.start("b", "b", {}, 4)
+    clock.now += 25  # start-up + the first epoch
+    stage.result("a", {"epoch": 1, "train_loss": 1.0})
+    stage.result("b", {"epoch": 1, "train_loss": 1.0})
+    assert stage.seconds_left() is None  # one epoch each: start-up and pace not separable
+    clock.now += 5
+    stage.result("a", {"epoch": 2, "train_loss": 1.0})
+    stage.result("b", {"epoch": 2, "train_loss": 1.0})
+    # left: 2 + 2 epochs of the running ones, 2 x (20 s + 4 epochs) waiting, over 2 at once
+    assert stage.seconds_left() == pytest.approx((4 * 5 + 2 * (20 + 4 * 5)) / 2)
+    clock.now += 10
+    stage.result("a", {"epoch": 4, "train_loss": 1.0, "replayed": True})  # no fresh epoch
+    stage.complete("a", {"epoch": 4})
+    assert stage.seconds_left() == pytest.approx((2 * 5 + 2 * (20 + 4 * 5)) / 2)
+
+
 def test_the_terminal_picture(write_spec, tmp_path, capsys):
     clock = Clock()
     view, base = search_view(write_spec, clock)
@@ -151,11 +178,9 @@ def test_the_terminal_picture(write_spec, tmp_path, capsys):
     b.status = "TERMINATED"
     text = screen(view.progress)
     lines = text.splitlines()
-    # The header: done / running / total, elapsed and time left (2 epochs a minute: 1 epoch of
-    # the running trial, 2 each for the two not started), then the best score and its knobs.
-    assert lines[0].strip() == (
-        "search · tiny   trials 1/4 done · 1 running   elapsed 1m00s · ~2m30s left"
-    )
+    # The header: done / running / total, elapsed (no time left before some trial has timed
+    # two epochs: the first one includes its start-up), then the best score and its knobs.
+    assert lines[0].strip() == "search · tiny   trials 1/4 done · 1 running   elapsed 1m00s"
     assert lines[1].strip() == (
         "best val_top1 50.00%  trial-aaaa0001  scales=[1, 2] temperature=4 complementary_weight=2"
     )
@@ -317,7 +342,7 @@ class Tmux:
 
     def everything(self) -> str:
         """The screen with the lines scrolled above it."""
-        return self._tmux("capture-pane", "-p", "-t", self.name, "-S", "-")
+        return self._tmux("capture-pane", "-p", "-J", "-t", self.name, "-S", "-")
 
     def wait_for(self, pattern: str, everything: bool = False, timeout: float = 300) -> str:
         """The screen once a line matches ``pattern`` or the command has ended."""
@@ -346,15 +371,39 @@ def wait_for(condition, timeout: float, what: str, on_fail=lambda: ""):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
-def test_a_search_seen_in_a_terminal_and_in_a_log(write_spec, teacher_cache, tmp_path):
-    """`sdd-search` writing to a file (one plain line per event), killed mid-search, then
-    resumed in a terminal: the header and one row per trial, and no line of Ray's own log;
-    the Optuna study holds every trial with its values, before and after the resume."""
-    spec_path = write_spec({"search": {"num_trials": 2, "max_concurrent": 2}})
+def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teacher_cache, tmp_path):
+    """The whole loop as a user runs it. `sdd-search` writing to a file (one plain line per
+    event), stopped by Ctrl-C mid-search (SIGINT to its process group, as a terminal sends
+    it): nothing registered, the parent run marked interrupted, one line with the resume
+    command, exit 130. A resume that changes the spec is refused; `--resume` in a real
+    terminal (tmux) shows the live view (a header and one row per trial, nothing of Ray's
+    log) and finishes: references, Optuna trials, ASHA, every epoch in MLflow once, two
+    registered students, the champion loaded back; the Optuna study holds every trial."""
+    from test_search import child_runs, logged_epochs, run_cli
+
+    spec_path = write_spec(
+        {
+            "train": {"epochs": 4},
+            "search": {
+                "num_trials": 2,
+                "max_concurrent": 2,  # the references together, then the two trials together
+                "scheduler": "asha",
+                "grace_period": 3,  # one rung, at epoch 3: ASHA may stop the second trial there
+                "references": True,
+            },
+        }
+    )
     spec = load_spec(spec_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
 
-    # 1. Not a terminal: plain lines, until both trials have trained their first epoch.
+    # 1. Not a terminal: plain lines. Ctrl-C once the references have finished and both
+    # trials have trained, the one behind mid-training (after its first epoch, before ASHA's
+    # rung at 3). The resumed trials replay the epochs their checkpoints hold; one that ASHA
+    # stops on a replayed epoch must still be registered (the last replay names the checkpoint).
+    def mid_second_trial(epochs: list[int]) -> bool:
+        return len(epochs) == 2 and 1 <= epochs[0] < 3
+
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen(
@@ -365,55 +414,150 @@ def test_a_search_seen_in_a_terminal_and_in_a_log(write_spec, teacher_cache, tmp
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    epoch_line = re.compile(r"^\[search\] trial-\w+ epoch 1/2: val_top1 \d+\.\d\d% ", re.M)
     try:
         wait_for(
-            lambda: len(epoch_line.findall(log_path.read_text())) == 2 or driver.poll(),
-            300,
-            "both trials' first epoch",
+            lambda: mid_second_trial(logged_epochs(uri)) or driver.poll() is not None,
+            400,
+            "the second trial mid-training",
             log_path.read_text,
         )
+        assert driver.poll() is None, log_path.read_text()[-3000:]
+        os.killpg(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, log_path.read_text()[-3000:]
     finally:
-        with contextlib.suppress(ProcessLookupError):  # its Ray dies with it (fate-shared)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
     first = log_path.read_text()
-    assert driver.returncode == -signal.SIGKILL, first[-3000:]
+    (line,) = [text for text in first.splitlines() if text.startswith("sdd-search: interrupted")]
+    assert line.endswith(f"continue with: sdd-search {spec_path} --resume"), line
+    assert "nothing registered" in line and "Leaderboard" not in first
     started = re.findall(r"^\[search\] trial-\w+ started: (.*)$", first, re.M)
     assert len(started) == 2, first[-3000:]
     assert all(
         re.fullmatch(r"scales=\S.* temperature=\S+ complementary_weight=\S+", s) for s in started
     )
+    assert re.search(r"^\[search\] interrupted after \S+: .*[12] unfinished", first, re.M), first
     assert "\x1b[" not in first and "━" not in first  # no redrawing in a log
     assert not [leak for leak in LEAKS if leak in first], first[-3000:]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    interrupted, _ = child_runs(client, "sdd-search/tiny")
+    assert interrupted.info.status == "KILLED"
+    assert interrupted.data.tags["sdd_search.outcome"] == "interrupted"
+    assert client.search_model_versions("name='tiny-student'") == []
+    assert mid_second_trial(logged_epochs(uri)), logged_epochs(uri)
+    assert logged_epochs(uri, "reference") == [4, 4]
     study = optuna.load_study(study_name="tiny", storage=tuning.optuna_storage_url(spec))
     assert len(study.trials) == 2 and all(t.intermediate_values for t in study.trials)
 
-    # 2. A terminal: the resumed search's live view, then its leaderboard.
+    # More trials on resume would be half one search, half another: refused before Ray starts.
+    changed = run_cli([str(spec_path), "--resume", "--set", "search.num_trials=3"], cwd=tmp_path)
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+        "sdd-search: error: --resume: search.num_trials is 3 here but the search started with "
+        "2; a resumed search keeps its spec (put it back, or --set name=... to start another "
+        "search)"
+    ], changed.stderr
+
+    # 2. A terminal: the resumed search's live view, then what it printed at its end.
     terminal = Tmux("resume")
     try:
         command = f"env SDD_SEARCH_CACHE={teacher_cache} {sys.executable} -m sdd_search"
         terminal.start(f"{command} {spec_path} --resume", tmp_path)
         during = terminal.wait_for(r"^trial-\w+ ")  # the first trial's row
-        done = terminal.wait_for(r"^EXIT=", everything=True)
+        done = terminal.wait_for(r"^EXIT=", everything=True, timeout=400)
     finally:
         terminal.close()
     (tmp_path / "during.txt").write_text(during)  # the screens, for a look after the test
     (tmp_path / "done.txt").write_text(done)
     assert "EXIT=" not in during, during
     assert re.search(r"^search · tiny   trials [01]/2 done · [12] running   elapsed ", during, re.M)
-    header = next(line for line in during.splitlines() if line.startswith("trial "))
+    lines = during.splitlines()
+    search_at = next(i for i, line in enumerate(lines) if line.startswith("search · tiny"))
+    # The references' table is above (finished before the Ctrl-C); the search's below its header.
+    header = next(line for line in lines[search_at:] if line.startswith("trial "))
     assert header.split()[:4] == ["trial", *KNOBS] and "epoch" in header
     assert "━" in during or "─" in during
     assert "EXIT=0" in done, done[-3000:]
     assert re.search(r"^search · tiny   trials 2/2 done · 0 running   elapsed ", done, re.M)
     assert re.search(r"^best val_top1 \d+\.\d\d%  trial-\w+  scales=", done, re.M)
-    assert len(re.findall(r"^trial-\w+ .* completed", done, re.M)) == 2, done[-3000:]
-    assert "Leaderboard" in done and "browse every trial" in done
+    assert len(re.findall(r"^trial-\w+ .* (completed|stopped by ASHA)", done, re.M)) == 2, done
     assert not [leak for leak in LEAKS if leak in done], done[-3000:]
+    assert "Leaderboard" in done and "[baseline]" in done and "[kd]" in done
+    assert "mlflow ui --backend-store-uri sqlite:///" in done
+    assert "registered tiny-student v1 (run trial-" in done and "registered tiny-student v2" in done
+    assert "Successfully registered model" not in done  # MLflow's own notice, hidden
+    # Where the trials' time went outside their training loops: the share, and every phase.
+    assert re.search(r"orchestration overhead: \d+\.\d% of trial time", done), done[-2000:]
+    (phases,) = [line for line in done.splitlines() if "median per trial:" in line]
+    for phase in ("trial actor start", "train workers start", "worker imports", "shutdown"):
+        assert re.search(rf"{phase} \d+\.\ds", phases), phases
 
-    # 3. The study after the resume, as optuna-dashboard opens it: every trial, its value.
+    # 3. What MLflow holds: every run once, every epoch once, from 1.
+    parent, children = child_runs(client, "sdd-search/tiny")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sdd_search.outcome"] == "finished"
+    metrics = parent.data.metrics
+    assert 0.0 < metrics["orchestration_overhead_fraction"] < 1.0
+    assert metrics["overhead_s/train_workers_start"] > 0.0, metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "leaderboard.csv", "leaderboard.txt", "search_space.json"} <= artifacts
+    roles = sorted(r.data.tags["sdd_search.role"] for r in children)
+    assert roles == ["reference", "reference", "trial", "trial"]
+    trial_ids = [r.data.tags["sdd_search.trial_id"] for r in children]
+    assert len(set(trial_ids)) == len(trial_ids)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.epochs"] == "4"
+        # The interrupted trial continued from its checkpoint, and the epochs it replayed
+        # were not logged again; a finished run was not rerun.
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        status = run.data.tags["sdd_search.status"]
+        expected = [1, 2, 3, 4] if status == "completed" else [1, 2, 3]  # ASHA's rung: 3
+        assert steps == expected, (status, steps)
+        assert status in ("completed", "stopped")
+    trial_runs = [r for r in children if r.data.tags["sdd_search.role"] == "trial"]
+    for run in trial_runs:
+        assert "knob.scales" in run.data.params and "knob.temperature" in run.data.params
+    # The first trial is the spec's own point (baseline_first).
+    assert 4.0 in {float(r.data.params["knob.temperature"]) for r in trial_runs}
+
+    # 4. The champion loads back from the registry and predicts with the accuracy it was
+    # logged with; the pyfunc flavour serves the same logits from a numpy batch.
+    assert len(client.search_model_versions("name='tiny-student'")) == 2
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    champion_run = client.get_run(champion.run_id)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pytorch.load_model("models:/tiny-student@champion")
+    _, _, val = build_datasets_and_loaders(
+        "digits", root=None, batch_size=128, device=torch.device("cpu"), image_size=8
+    )
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in val:
+            logits = model(images)
+            assert logits.shape == (labels.shape[0], 10)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += labels.shape[0]
+    assert 100.0 * correct / seen == pytest.approx(champion_run.data.metrics["val_top1"], abs=1e-6)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-student@champion")
+    batch = next(iter(val))[0][:4].numpy()
+    np.testing.assert_allclose(
+        pyfunc.predict(batch), model(torch.from_numpy(batch)).detach().numpy(), rtol=1e-5
+    )
+
+    # 5. The study after the resume, as optuna-dashboard opens it: every trial, its value.
     study = optuna.load_study(study_name="tiny", storage=tuning.optuna_storage_url(spec))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(t.value is not None and t.intermediate_values for t in study.trials)
-    assert sorted(t.user_attrs["epochs"] for t in study.trials) == [2, 2]
+    assert sorted(t.user_attrs["epochs"] for t in study.trials) in ([3, 4], [4, 4])
+
+    # 6. The same search again without --resume is a clear error, not an overwrite; resuming
+    # a search that does not exist is one too.
+    again = run_cli([str(spec_path)], cwd=tmp_path, timeout=120)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "already exists" in again.stderr and "--resume" in again.stderr
+    missing = run_cli(
+        [str(spec_path), "--resume", "--set", "name=nothing-here"], cwd=tmp_path, timeout=120
+    )
+    assert missing.returncode == 2 and "no search" in missing.stderr

@@ -66,19 +66,22 @@ class MlflowServer:
     """A real `mlflow server` (sqlite store, proxied artifacts), started but not yet waited for."""
 
     def __init__(self, root: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.root, self.url = root, f"http://127.0.0.1:{free_port()}"
         self.log_path = root / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed by stop())
-        self.process = subprocess.Popen(
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "mlflow",
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{root}/srv.db",
+                f"sqlite:///{self.root}/srv.db",
                 "--artifacts-destination",
-                str(root / "artifacts"),
+                str(self.root / "artifacts"),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -86,12 +89,17 @@ class MlflowServer:
                 "--workers",
                 "1",
             ],
-            cwd=root,
+            cwd=self.root,
             env={**os.environ, **SERVER_ENV},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the uvicorn worker goes with it
         )
+
+    def kill_and_restart(self) -> None:
+        """Killed at once (SIGKILL, no goodbye), then started again: same port, same store."""
+        stop_group(self.process, grace=0)
+        self.process = self._start()
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -285,15 +293,22 @@ def visible_text(dom: str) -> str:
     return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
-)
-def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_path):
+def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
+    mlflow_server, write_spec, teacher_cache, tmp_path
+):
+    """One search on a real `mlflow server`, shared by three checks. (1) The server is killed
+    once a first epoch is in it and started again (same port, same store) while the trials
+    train: every epoch of every trial is in MLflow exactly once, as the trials reported it.
+    (2) `sdd-search report` reads the search back through the server in each format. (3) The
+    MLflow UI in headless Chromium lists the trials and the parent run's figures."""
+    from test_report import check_report_of_a_real_search
+    from test_tracking_outage import tune_epochs
+
     url = mlflow_server.url
     spec_path = write_spec(
         {
             "tracking": {"uri": url},
-            "train": {"epochs": 1},
+            "train": {"epochs": 3},
             "search": {"num_trials": 2, "max_concurrent": 2, "references": False, "top_k": 1},
         }
     )
@@ -312,10 +327,28 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
             stderr=stderr,
             start_new_session=True,
         )
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
     try:
+        # Away once a first epoch is in MLflow: the rest of the search trains without it.
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            assert cli.poll() is None, out.read_text()[-3000:] + err.read_text()[-3000:]
+            experiment = client.get_experiment_by_name("sdd-search/tiny")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if any(r.data.metrics.get("val_top1") is not None for r in runs):
+                break
+            time.sleep(0.5)
+        mlflow_server.kill_and_restart()
+        away_at = time.time()
+        try:
+            mlflow_server.wait_healthy()  # up again in 30-80 s on 2 cores
+        except RuntimeError as error:
+            pytest.fail(f"{error}:\n{mlflow_server.log_tail()}")
+        back_at = time.time()
         returncode = cli.wait(timeout=600)
     finally:
         stop_group(cli, grace=20)  # a no-op once it has exited
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
     stdout_text, stderr_text = out.read_text(), err.read_text()
     assert returncode == 0, stdout_text[-3000:] + stderr_text[-3000:]
     assert (
@@ -323,6 +356,29 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
         in stdout_text
     )
     assert "registered tiny-student v1" in stdout_text, stdout_text[-3000:]
+
+    # (1) The trials trained while the server was away (Tune's own record of each epoch's
+    # time), and MLflow holds each epoch they reported once, with the value reported.
+    reported = tune_epochs(tmp_path / "runs" / "tiny" / "search")
+    assert len(reported) == 2
+    stamps = [r["timestamp"] for epochs in reported.values() for r in epochs.values()]
+    assert any(away_at <= stamp <= back_at for stamp in stamps), (away_at, back_at, stamps)
+    experiment = client.get_experiment_by_name("sdd-search/tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
+    assert sorted(r.data.tags["sdd_search.trial_id"] for r in runs) == sorted(reported)
+    for run in runs:
+        trial_id = run.data.tags["sdd_search.trial_id"]
+        assert run.info.status == "FINISHED" and run.data.tags["sdd_search.status"] == "completed"
+        for metric in ("val_top1", "train_loss"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            logged = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+            expected = [(e, r[metric]) for e, r in sorted(reported[trial_id].items())]
+            assert logged == expected, (trial_id, metric)
+
+    # (2) The same search read back by `sdd-search report` through the server, each format.
+    check_report_of_a_real_search(spec_path, stdout_text, tmp_path)
+    expected = {"learning_curves.png", "optimization_history.png", "param_importances.png"}
+    assert expected <= {p.name for p in (tmp_path / "runs" / "tiny" / "figures").glob("*.png")}
 
     # Everything went through the server's REST API: runs, registry, proxied artifacts.
     client = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -343,6 +399,9 @@ def test_mlflow_ui_lists_trials(mlflow_server, write_spec, teacher_cache, tmp_pa
     assert champion.run_id in {r.info.run_id for r in trials}
     assert list((tmp_path / "artifacts").rglob("MLmodel")), "model not stored via the server"
 
+    # (3) The UI (Debian's chromium; .ci/run installs it).
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install chromium): the UI part not run")
     # The UI: the experiment's runs page sorted by run name, so nested runs are listed flat
     # (sorted by date, the default, MLflow folds the trials under their collapsed parent).
     query = urllib.parse.urlencode(

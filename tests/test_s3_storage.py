@@ -84,9 +84,25 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
         while time.time() < deadline and max(_logged_epochs(client), default=0) < 1:
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        # A scheduler's stop: SIGTERM, and again before the clean stop is done (the second
+        # exits at once, 143, one line; nothing registered; still resumable from the bucket).
+        driver.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        stopped = time.time()
+        assert driver.wait(timeout=120) == 143, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() - stopped < 60, time.time() - stopped
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        first_log = (tmp_path / "first.log").read_text()
+        (line,) = [t for t in first_log.splitlines() if t.startswith("sdd-search: interrupted")]
+        assert line.startswith("sdd-search: interrupted (SIGTERM); nothing registered; ")
+        assert line.endswith(f"continue with: sdd-search {spec_path} --resume"), line
+        assert client.search_model_versions("name='tiny-student'") == []
+        (parent,) = client.search_runs(
+            [client.get_experiment_by_name("sdd-search/tiny").experiment_id],
+            "tags.`sdd_search.role` = 'parent'",
+        )
+        assert parent.data.tags["sdd_search.outcome"] == "interrupted", parent.data.tags
         logged = _logged_epochs(client)
         assert logged and min(logged) < 2, logged  # killed mid-search
 
@@ -99,14 +115,29 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
 
         fresh = tmp_path / "fresh"
         fresh.mkdir()
-        resumed = subprocess.run(
-            [sys.executable, "-m", "sdd_search", str(spec_path), "--resume"],
-            cwd=fresh,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+
+        def resume(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "sdd_search", str(spec_path), "--resume", *args],
+                cwd=fresh,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+
+        # Without a study the resume cannot go on: one line, before Ray, saying what to do.
+        for storage, expected in [
+            ("null", "a search on object storage keeps its study where it started"),
+            (f"sqlite:///{fresh}/elsewhere.db", "restore that database"),
+        ]:
+            refused = resume(f"--set=search.optuna_storage={storage}")
+            assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+            (line,) = refused.stderr.strip().splitlines()
+            assert line.startswith("sdd-search: error: --resume: the search's Optuna study is ")
+            assert expected in line, line
+        assert not list(fresh.iterdir())  # neither study file was created
+        resumed = resume()
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "registered tiny-student v1" in resumed.stdout
 

@@ -10,14 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
-
-from sdd_search.data import build_datasets_and_loaders
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +39,7 @@ def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     return parents[0], children
 
 
-def _logged_epochs(uri: str, role: str = "trial") -> list[int]:
+def logged_epochs(uri: str, role: str = "trial") -> list[int]:
     """The last epoch MLflow holds for each run of one role (sorted), as the driver logs them."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("sdd-search/tiny")
@@ -54,145 +50,6 @@ def _logged_epochs(uri: str, role: str = "trial") -> list[int]:
         max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
         for r in runs
     )
-
-
-def test_search_end_to_end_killed_and_resumed(write_spec, teacher_cache, tmp_path):
-    """The whole loop as a user runs it, with Ctrl-C mid-search (SIGINT to the driver's process
-    group: nothing registered, exit 130) and the search finished by `--resume`: references, Optuna trials, ASHA, MLflow
-    runs with every epoch once, registered students, the champion loaded back."""
-    spec_path = write_spec(
-        {
-            "train": {"epochs": 4},
-            "search": {
-                "num_trials": 2,
-                "max_concurrent": 2,  # the references together, then the two trials together
-                "scheduler": "asha",
-                "grace_period": 3,  # one rung, at epoch 3: ASHA may stop the second trial there
-                "references": True,
-            },
-        }
-    )
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "sdd_search", str(spec_path)],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-
-    # Kill once the references have finished and both trials have trained, the one behind
-    # mid-training (after its first epoch, before ASHA's rung at 3); the other may be anywhere.
-    # The resumed trials replay the epochs their checkpoints hold; one that ASHA stops on a
-    # replayed epoch must still be registered (the last replay names the checkpoint).
-    def mid_second_trial(epochs: list[int]) -> bool:
-        return len(epochs) == 2 and 1 <= epochs[0] < 3
-
-    deadline = time.time() + 400
-    while time.time() < deadline and not mid_second_trial(_logged_epochs(uri)):
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.25)
-    # Ctrl-C, as a terminal sends it (the whole process group): the search stops cleanly,
-    # registers nothing, marks its parent run interrupted, and says how to resume; exit 130.
-    os.killpg(driver.pid, signal.SIGINT)
-    assert driver.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    first = (tmp_path / "first.log").read_text()
-    (line,) = [text for text in first.splitlines() if text.startswith("sdd-search: interrupted")]
-    assert line.endswith(f"continue with: sdd-search {spec_path} --resume"), line
-    assert "nothing registered" in line and "Tuner.restore" not in first
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    interrupted, _ = child_runs(client, "sdd-search/tiny")
-    assert interrupted.info.status == "KILLED"
-    assert interrupted.data.tags["sdd_search.outcome"] == "interrupted"
-    assert client.search_model_versions("name='tiny-student'") == []
-    assert "Leaderboard" not in first
-    assert mid_second_trial(_logged_epochs(uri)), _logged_epochs(uri)
-    assert _logged_epochs(uri, "reference") == [4, 4]
-
-    result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "Leaderboard" in out and "[baseline]" in out and "[kd]" in out
-    assert "mlflow ui --backend-store-uri sqlite:///" in out
-    assert "registered tiny-student v1" in out and "registered tiny-student v2" in out
-    # Where the trials' time went outside their training loops: the share, and every phase.
-    assert re.search(r"orchestration overhead: \d+\.\d% of trial time", out), out[-2000:]
-    (phases,) = [line for line in out.splitlines() if "median per trial:" in line]
-    for phase in ("trial actor start", "train workers start", "worker imports", "shutdown"):
-        assert re.search(rf"{phase} \d+\.\ds", phases), phases
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    parent, children = child_runs(client, "sdd-search/tiny")
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["sdd_search.outcome"] == "finished"
-    metrics = parent.data.metrics
-    assert 0.0 < metrics["orchestration_overhead_fraction"] < 1.0
-    assert metrics["overhead_s/train_workers_start"] > 0.0, metrics
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"spec.yaml", "leaderboard.csv", "leaderboard.txt", "search_space.json"} <= artifacts
-    roles = sorted(r.data.tags["sdd_search.role"] for r in children)
-    assert roles == ["reference", "reference", "trial", "trial"]
-    trial_ids = [r.data.tags["sdd_search.trial_id"] for r in children]
-    assert len(set(trial_ids)) == len(trial_ids)
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert run.data.params["train.epochs"] == "4"
-        # Every epoch once, from 1: the interrupted trial continued from its checkpoint, and
-        # the epochs it replayed were not logged again; a finished run was not rerun.
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
-        status = run.data.tags["sdd_search.status"]
-        expected = [1, 2, 3, 4] if status == "completed" else [1, 2, 3]  # ASHA's rung: 3
-        assert steps == expected, (status, steps)
-        assert status in ("completed", "stopped")
-    trial_runs = [r for r in children if r.data.tags["sdd_search.role"] == "trial"]
-    for run in trial_runs:
-        assert "knob.scales" in run.data.params and "knob.temperature" in run.data.params
-    # The first trial is the spec's own point (baseline_first).
-    temperatures = {float(r.data.params["knob.temperature"]) for r in trial_runs}
-    assert 4.0 in temperatures
-
-    # The champion loads back from the registry and predicts with the accuracy it was logged with.
-    versions = client.search_model_versions("name='tiny-student'")
-    assert len(versions) == 2
-    champion = client.get_model_version_by_alias("tiny-student", "champion")
-    champion_run = client.get_run(champion.run_id)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pytorch.load_model("models:/tiny-student@champion")
-    _, _, val = build_datasets_and_loaders(
-        "digits", root=None, batch_size=128, device=torch.device("cpu"), image_size=8
-    )
-    correct = seen = 0
-    with torch.no_grad():
-        for images, labels in val:
-            logits = model(images)
-            assert logits.shape == (labels.shape[0], 10)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += labels.shape[0]
-    accuracy = 100.0 * correct / seen
-    assert accuracy == pytest.approx(champion_run.data.metrics["val_top1"], abs=1e-6)
-    # The pyfunc flavour serves the same logits from a numpy batch (the logged signature).
-    pyfunc = mlflow.pyfunc.load_model("models:/tiny-student@champion")
-    batch = next(iter(val))[0][:4].numpy()
-    np.testing.assert_allclose(
-        pyfunc.predict(batch), model(torch.from_numpy(batch)).detach().numpy(), rtol=1e-5
-    )
-
-    # Running the same search again without --resume is a clear error, not an overwrite.
-    again = run_cli([str(spec_path)], cwd=tmp_path, timeout=120)
-    assert again.returncode == 2
-    assert "already exists" in again.stderr and "--resume" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
-
-    # Resuming a search that does not exist is a clear error.
-    missing = run_cli(
-        [str(spec_path), "--resume", "--set", "name=nothing-here"], cwd=tmp_path, timeout=120
-    )
-    assert missing.returncode == 2 and "no search" in missing.stderr
 
 
 def test_spec_yaml_in_repo_matches_embedded_default():

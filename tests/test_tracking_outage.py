@@ -10,7 +10,6 @@ in the middle of a real search.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import socket
 import subprocess
@@ -233,49 +232,12 @@ def test_an_interrupted_fit_ends_without_waiting_for_the_server():
 
 
 # --------------------------------------------------------------------------------------------
-# The real thing: a search whose `mlflow server` is killed and restarted mid-trial
+# The real thing, a search whose `mlflow server` is killed and restarted mid-trial, is
+# tests/test_mlflow_ui.py::test_a_search_on_a_server_that_restarts_then_its_report_and_ui
+# (one search shared with the report and UI checks).
 
 
-def _server(root: Path, port: int, log) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port over the sqlite store root/srv.db."""
-    from test_mlflow_ui import SERVER_ENV
-
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/srv.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        env={**os.environ, **SERVER_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 240) -> None:
-    from test_mlflow_ui import healthy
-
-    deadline = time.monotonic() + timeout
-    while not healthy(url):
-        assert process.poll() is None, f"mlflow server exited with {process.returncode}"
-        assert time.monotonic() < deadline, f"mlflow server not healthy after {timeout}s"
-        time.sleep(0.5)
-
-
-def _tune_epochs(search_folder: Path) -> dict[str, dict[int, dict]]:
+def tune_epochs(search_folder: Path) -> dict[str, dict[int, dict]]:
     """Trial id -> epoch -> the result the trial reported for it (Tune's result.json), first
     report of each epoch."""
     reported: dict[str, dict[int, dict]] = {}
@@ -288,69 +250,14 @@ def _tune_epochs(search_folder: Path) -> dict[str, dict[int, dict]]:
     return reported
 
 
-@pytest.mark.slow
-def test_a_server_killed_and_restarted_mid_search_gets_every_epoch_once(
-    write_spec, teacher_cache, tmp_path
-):
-    from test_mlflow_ui import free_port, stop_group
+def test_whether_a_trial_ended_is_not_waited_for_when_the_server_is_away():
+    """After Ctrl-C the search asks MLflow which trials ended; with the server away it must
+    answer at once (not ended: the resume asks again), not after MLflow's minutes of retries."""
+    from sdd_search.mlflow_callback import MlflowTrialCallback
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "processes.log", "w")  # noqa: SIM115 (closed below)
-    server = _server(tmp_path, port, log)
-    _wait_healthy(url, server)
-    spec_path = write_spec(
-        {
-            "train": {"epochs": 3},
-            "search": {"num_trials": 2, "max_concurrent": 2, "references": False},
-            "tracking": {"uri": url},
-        }
-    )
-    client = MlflowClient(tracking_uri=url)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "sdd_search", str(spec_path)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        # Away once a first epoch is in MLflow: the rest of the search trains without it.
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            assert driver.poll() is None, (tmp_path / "processes.log").read_text()[-3000:]
-            experiment = client.get_experiment_by_name("sdd-search/tiny")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if any(r.data.metrics.get("val_top1") is not None for r in runs):
-                break
-            time.sleep(0.5)
-        stop_group(server, grace=0)
-        away_at = time.time()
-        server = _server(tmp_path, port, log)  # up again in 30-80 s on 2 cores
-        _wait_healthy(url, server)
-        back_at = time.time()
-        assert driver.wait(timeout=600) == 0, (tmp_path / "processes.log").read_text()[-3000:]
-    finally:
-        stop_group(driver, grace=5)
-        stop_group(server, grace=5)
-        log.close()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
-
-    reported = _tune_epochs(tmp_path / "runs" / "tiny" / "search")
-    assert len(reported) == 2
-    # The trials trained while the server was away (Tune's own record of each epoch's time).
-    stamps = [r["timestamp"] for epochs in reported.values() for r in epochs.values()]
-    assert any(away_at <= stamp <= back_at for stamp in stamps), (away_at, back_at, stamps)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/srv.db")  # the server's store
-    experiment = client.get_experiment_by_name("sdd-search/tiny")
-    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
-    assert sorted(r.data.tags["sdd_search.trial_id"] for r in runs) == sorted(reported)
-    for run in runs:
-        trial_id = run.data.tags["sdd_search.trial_id"]
-        assert run.info.status == "FINISHED" and run.data.tags["sdd_search.status"] == "completed"
-        for metric in ("val_top1", "train_loss"):
-            history = client.get_metric_history(run.info.run_id, metric)
-            logged = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
-            expected = [(e, r[metric]) for e, r in sorted(reported[trial_id].items())]
-            assert logged == expected, (trial_id, metric)
+    callback = MlflowTrialCallback(closed_port_uri(), "sdd-search/tiny", "/runs/tiny", 600)
+    started = time.monotonic()
+    assert callback.has_ended("aaa01") is False
+    assert time.monotonic() - started < 15
+    callback.ended.add("aaa01")  # ended in this driver: known without the server
+    assert callback.has_ended("aaa01") is True
