@@ -7,7 +7,7 @@ install:  ## install the package and its test tools (torch from the local wheels
 quickstart: install  ## the main job on the embedded default: a search on digits, CPU, local Ray + MLflow
 	sdd-search search_spaces/quickstart.yaml
 
-test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~29 min on 2 cores)
+test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~27 min on 2 cores)
 	python3 -m pytest -q -p no:cacheprovider
 
 lint:

@@ -22,6 +22,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from sdd_search import ray_compat
+
 
 class StudySearch(OptunaSearch):
     """OptunaSearch whose study lives in the RDB storage at ``storage_url`` as ``study_name``
@@ -42,8 +44,7 @@ class StudySearch(OptunaSearch):
         super().__init__(storage=storage, study_name=study_name, **kwargs)
 
     def _optuna_trials(self) -> dict:
-        # Private: Tune trial id -> optuna.Trial; OptunaSearch offers no public accessor.
-        return self._ot_trials
+        return ray_compat.optuna_search_trials(self)  # private to Ray: fenced there
 
     def study(self) -> optuna.Study:
         return optuna.load_study(study_name=self.study_name, storage=self.storage_url)

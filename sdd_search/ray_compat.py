@@ -154,6 +154,19 @@ def _warn_once(consequence: str) -> None:
 # What the installed Ray lacks
 
 
+def optuna_search_trials(searcher) -> dict:
+    """Tune trial id -> optuna.Trial of an OptunaSearch: its private ``_ot_trials`` (Ray has no
+    public accessor); sdd_search.optuna_study tags each Optuna trial with its Tune id and
+    marks the ones a resume abandoned through it."""
+    trials = getattr(searcher, "_ot_trials", None)
+    if not isinstance(trials, dict):
+        raise RayCompatError(
+            "ray.tune.search.optuna.OptunaSearch._ot_trials is gone from this Ray: "
+            f"the Optuna study cannot be kept; {_upgrade_hint()}"
+        )
+    return trials
+
+
 def missing() -> dict[str, str]:
     """Each private Ray name this module relies on that the installed Ray lacks -> what the
     search loses without it. Empty on the Ray sdd-search is tested with."""
@@ -182,5 +195,15 @@ def missing() -> dict[str, str]:
     if HEAD_NODE_RESOURCE_NAME != HEAD_NODE_RESOURCE:
         problems[f"the head node's resource {HEAD_NODE_RESOURCE!r}"] = (
             "trial drivers spread over the cluster: a lost node costs a Tune retry"
+        )
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna_trials = getattr(OptunaSearch(), "_ot_trials", None)
+    except Exception:  # noqa: BLE001 (any failure here means the same: not as relied on)
+        optuna_trials = None
+    if not isinstance(optuna_trials, dict):
+        problems["ray.tune.search.optuna.OptunaSearch._ot_trials"] = (
+            "the Optuna study on disk loses its Tune trial ids and resumes' abandoned trials"
         )
     return problems

@@ -12,6 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from sdd_search import ray_compat
 
@@ -129,3 +132,15 @@ def test_run_search_from_python_sets_rays_environment_before_importing_ray(tmp_p
     assert not report["early"], "importing sdd_search.search imported Ray"
     assert "no search 'absent'" in report["error"]  # it got as far as looking for the search
     assert report["seen"] == ray_compat.RAY_ENV_DEFAULTS
+
+
+def test_the_optuna_searchers_trials_are_read_through_the_fence():
+    """sdd_search.optuna_study reads OptunaSearch's private trial table only through
+    ray_compat: present on this Ray, one clear error where a Ray drops it."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert ray_compat.optuna_search_trials(OptunaSearch()) == {}
+    with pytest.raises(ray_compat.RayCompatError, match="OptunaSearch._ot_trials is gone"):
+        ray_compat.optuna_search_trials(object())
+    source = (Path(ray_compat.__file__).parent / "optuna_study.py").read_text()
+    assert "_ot_trials" not in source
