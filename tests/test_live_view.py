@@ -379,7 +379,7 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     terminal (tmux) shows the live view (a header and one row per trial, nothing of Ray's
     log) and finishes: references, Optuna trials, ASHA, every epoch in MLflow once, two
     registered students, the champion loaded back; the Optuna study holds every trial."""
-    from test_search import child_runs, logged_epochs, run_cli
+    from test_search import child_runs, logged_epochs, run_cli, start_driver
 
     spec_path = write_spec(
         {
@@ -405,15 +405,7 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
         return len(epochs) == 2 and 1 <= epochs[0] < 3
 
     log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "sdd_search", str(spec_path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    driver = start_driver(spec_path, tmp_path, log_path, env)
     try:
         wait_for(
             lambda: mid_second_trial(logged_epochs(uri)) or driver.poll() is not None,

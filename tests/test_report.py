@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -346,17 +345,10 @@ def check_report_of_a_real_search(spec_path: Path, search_stdout: str, cwd: Path
     runs them: the table is the search's own leaderboard (as it printed it in
     ``search_stdout``), csv and json parse. Called by the end-to-end test of a search on a real
     `mlflow server` (tests/test_mlflow_ui.py), which shares its search with this check."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from test_search import run_cli
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "sdd_search", *args],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        return run_cli(list(args), cwd=cwd)
 
     printed = _leaderboard_block(search_stdout)
     assert len(printed) == 2 + 2 + 1  # heading, header, rule, two trials

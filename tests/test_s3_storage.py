@@ -21,6 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from object_store import s3_server
+from test_search import start_driver
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +72,7 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         first = tmp_path / "first"
         first.mkdir()
-        with open(tmp_path / "first.log", "w") as log:
-            driver = subprocess.Popen(
-                [sys.executable, "-m", "sdd_search", str(spec_path)],
-                cwd=first,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        driver = start_driver(spec_path, first, tmp_path / "first.log", env)
         deadline = time.time() + 400
         while time.time() < deadline and max(_logged_epochs(client), default=0) < 1:
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]

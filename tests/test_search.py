@@ -30,6 +30,22 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
     )
 
 
+def start_driver(
+    spec_path: Path, cwd: Path, log_path: Path, env: dict | None = None
+) -> subprocess.Popen:
+    """`sdd-search SPEC` in its own process group (signals reach it as a terminal's would),
+    stdout and stderr to ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sdd_search", str(spec_path)],
+            cwd=cwd,
+            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -118,15 +134,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
         }
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "sdd_search", str(spec_path)],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    driver = start_driver(spec_path, tmp_path, tmp_path / "first.log")
 
     def finished() -> int:
         return sum(r.info.status == "FINISHED" for r in _final_runs(uri))

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from test_search import start_driver
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +61,7 @@ def test_torn_checkpoints_fall_back_or_restart_and_every_epoch_is_logged_once(
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "sdd_search", str(spec_path)],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    driver = start_driver(spec_path, tmp_path, tmp_path / "first.log")
 
     # Kill with both trials in flight, the one ahead past epoch 2 (Train keeps its last two
     # checkpoints: the previous one is a whole one to fall back to).
