@@ -85,9 +85,15 @@ def search(argv: list[str]) -> int:
         return 0
 
     _set_up_output(args.verbose)
+    if args.resume and (finished := _finished_already(spec, spec_path)) is not None:
+        return finished
     from sdd_search.driver_lock import DriverLockError
     from sdd_search.ray_compat import RayCompatError
-    from sdd_search.search import SearchError, run_search  # Ray's settings: run_search's own
+    from sdd_search.search import (  # Ray's settings: run_search's own
+        SearchError,
+        SpecChangedError,
+        run_search,
+    )
     from sdd_search.teacher import TeacherError
     from sdd_search.tracking_buffer import TrackingUnavailableError
     from sdd_search.tuning import SearchInterrupted
@@ -97,6 +103,9 @@ def search(argv: list[str]) -> int:
         outcome = run_search(
             spec, resume=args.resume, address=args.address, spec_text=spec_path.read_text()
         )
+    except SpecChangedError as error:
+        print(f"sdd-search: error: {spec_path}: {error}", file=sys.stderr)
+        return 2
     except (SearchError, TeacherError, RayCompatError, DriverLockError) as error:
         print(f"sdd-search: error: {error}", file=sys.stderr)
         return 2
@@ -118,6 +127,23 @@ def search(argv: list[str]) -> int:
         )
         return 143 if stopping.terminated() else 130
     _print_outcome(spec, args, outcome)
+    return 0
+
+
+def _finished_already(spec, spec_path: Path) -> int | None:
+    """``--resume`` of a search that ran to its end: nothing to train, so no Ray; its report
+    (as ``sdd-search report`` prints it) and exit 0, or 2 for a spec changed since. None when
+    the search did not finish: the resume goes on."""
+    from sdd_search import report, resume_check
+
+    record = report.finished_search(spec)
+    if record is None:
+        return None
+    if changed := resume_check.changed_field(spec):
+        print(f"sdd-search: error: {spec_path}: {changed}", file=sys.stderr)
+        return 2
+    print(f"sdd-search: search {spec.name!r} ran to its end already; nothing to resume.\n")
+    print(report.render(record))
     return 0
 
 

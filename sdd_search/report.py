@@ -183,6 +183,20 @@ def open_search(spec: Spec) -> SearchRecord:
     return SearchRecord(spec, client, uri, experiment.experiment_id, parents[0], children)
 
 
+def finished_search(spec: Spec) -> SearchRecord | None:
+    """The search of ``spec`` if it ran to its end (its parent run says so), read from MLflow
+    without Ray; None when it did not, or when MLflow cannot say at once (the search's own
+    start then gives the one-line error)."""
+    from sdd_search.tracking_buffer import failing_fast
+
+    try:
+        with failing_fast():
+            record = open_search(spec)
+    except Exception:  # noqa: BLE001 (no record, or none to be had quickly: not finished)
+        return None
+    return record if record.parent.data.tags.get(TAG_OUTCOME) == "finished" else None
+
+
 # -- what the report holds --------------------------------------------------------------------
 
 

@@ -47,6 +47,11 @@ class SearchError(RuntimeError):
     """A search that cannot start or continue; the message says what to do."""
 
 
+class SpecChangedError(SearchError):
+    """``--resume`` with a spec that changes what the search trains or ranks (the message names
+    the field; the CLI puts the spec file in front of it)."""
+
+
 @dataclass
 class SearchOutcome:
     """What a finished search left: where, its MLflow parent run, the ranked rows (searched
@@ -180,7 +185,7 @@ def _check_storage(spec: Spec, resume: bool) -> None:
             f"--resume: no search {spec.name!r} at {path} to resume (drop --resume to start it)"
         )
     if resume and (changed := resume_check.changed_field(spec)):
-        raise SearchError(changed)
+        raise SpecChangedError(changed)
     try:  # the Optuna study: reachable, and a new search's own
         study = bool(spec.space) and tuning.optuna_study_exists(spec)
     except ValueError as error:

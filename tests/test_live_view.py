@@ -379,7 +379,13 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     terminal (tmux) shows the live view (a header and one row per trial, nothing of Ray's
     log) and finishes: references, Optuna trials, ASHA, every epoch in MLflow once, two
     registered students, the champion loaded back; the Optuna study holds every trial."""
-    from test_search import child_runs, logged_epochs, run_cli, start_driver
+    from test_search import (
+        assert_resume_refused,
+        child_runs,
+        logged_epochs,
+        run_cli,
+        start_driver,
+    )
 
     spec_path = write_spec(
         {
@@ -443,12 +449,7 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     assert len(study.trials) == 2 and all(t.intermediate_values for t in study.trials)
 
     # More trials on resume would be half one search, half another: refused before Ray starts.
-    changed = run_cli([str(spec_path), "--resume", "--set", "search.num_trials=3"], cwd=tmp_path)
-    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
-        "sdd-search: error: --resume: search.num_trials is 3 here but the search started with "
-        "2; a resumed search keeps its spec (put it back, or --set name=... to start another "
-        "search)"
-    ], changed.stderr
+    assert_resume_refused(spec_path, tmp_path, "search.num_trials", 3, 2)
 
     # 2. A terminal: the resumed search's live view, then what it printed at its end.
     terminal = Tmux("resume")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -44,6 +46,17 @@ def start_driver(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def assert_resume_refused(spec_path: Path, cwd: Path, field: str, here, started) -> None:
+    """`--resume --set field=here` on a search that started with ``started``: exit 2 and one
+    line naming the spec file and the field, before Ray starts."""
+    changed = run_cli([str(spec_path), "--resume", "--set", f"{field}={here}"], cwd=cwd)
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+        f"sdd-search: error: {spec_path}: --resume: {field} is {here} here but the search "
+        f"started with {started}; a resumed search keeps its spec (put it back, or --set "
+        "name=... to start another search)"
+    ], changed.stderr
 
 
 def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
@@ -112,28 +125,108 @@ def _final_runs(uri: str, experiment: str = "sdd-search/tiny") -> list:
     return client.search_runs([exp.experiment_id], "tags.`sdd_search.role` = 'final'")
 
 
+def _assert_torn_runs_said_what_they_did(runs: Path, final: list, ahead: str, behind: str):
+    """The run ahead fell back to its previous checkpoint, the one behind restarted, each in
+    one line on its MLflow run and in the results Tune got (with its first epoch after)."""
+    by_trial = {r.data.tags["sdd_search.trial_id"]: r for r in final}
+    checkpoint = r"checkpoint_[\d_.-]+"
+    fell_back = by_trial[ahead].data.tags.get("sdd_search.restore", "")
+    assert re.fullmatch(
+        rf"{checkpoint} was unreadable \(truncated or corrupt file[^;]*\); "
+        rf"resumed from {checkpoint}, epoch (\d)",
+        fell_back,
+    ), fell_back
+    restarted = by_trial[behind].data.tags.get("sdd_search.restore", "")
+    assert re.fullmatch(
+        rf"{checkpoint} was unreadable \(not an sdd-search trial checkpoint \(no student, "
+        rf"optimizer, epoch, history\)\)(; {checkpoint} was unreadable \([^;]*\))*; "
+        r"restarted the trial from epoch 1",
+        restarted,
+    ), restarted
+    untouched = [r for t, r in by_trial.items() if t not in (ahead, behind)]
+    assert all("sdd_search.restore" not in r.data.tags for r in untouched)
+    for trial_id, tag in ((ahead, fell_back), (behind, restarted)):
+        name = by_trial[trial_id].info.run_name
+        result_file = runs / "tiny" / "final" / name / "result.json"
+        results = [json.loads(line) for line in result_file.read_text().splitlines()]
+        assert {r["worker/restore"] for r in results if "worker/restore" in r} == {tag}
+
+
 _REPORT_ROW = re.compile(
     r"^(?P<name>[\w-]+)(?: \*champion\*)?\s+(?P<selection>[\d.]+|n/a)\s+(?P<mean>[\d.]+) ± "
     r"(?P<std>[\d.]+|n/a) \((?P<n>\d+)\)\s+(?P<diff>\(reference\)|[+-][\d.]+ \[[-\d., na/]+\])"
 )
 
 
+# Final runs: 8 epochs (the search 2), so that a kill can land with two final runs in flight,
+# the one ahead past its second epoch (Train keeps the last two checkpoints: one to fall back
+# to) and the one behind (started up to ~10 s later on a busy machine) past its first.
+FINAL_EPOCHS = 8
+
+
+def _final_epochs(client: MlflowClient) -> dict[str, tuple[str, int]]:
+    """Final run's trial id -> (its MLflow status, the last epoch MLflow holds for it)."""
+    experiment = client.get_experiment_by_name("sdd-search/tiny")
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'final'")
+    return {
+        run.data.tags["sdd_search.trial_id"]: (
+            run.info.status,
+            max(
+                (m.step for m in client.get_metric_history(run.info.run_id, "train_loss")),
+                default=0,
+            ),
+        )
+        for run in runs
+    }
+
+
+def _checkpoint_files(runs: Path, trial_id: str) -> list[Path]:
+    """The trial's checkpoint files in its Train run folder, oldest first (Train names each
+    folder checkpoint_<date and time>)."""
+    (folder,) = (runs / "tiny" / "train").glob(f"tiny-{trial_id}")
+    return sorted(folder.glob("checkpoint_*/checkpoint.pt"))
+
+
+def _kill_window(runs: dict[str, tuple[str, int]]) -> tuple[str, str] | None:
+    """(ahead, behind): two final runs in flight, ahead at epoch 2 or later and before its last,
+    behind at 1 or later, with at least two final runs finished; None until then."""
+    finished = sum(status == "FINISHED" for status, _ in runs.values())
+    flying = sorted(
+        ((epoch, trial) for trial, (status, epoch) in runs.items() if status == "RUNNING"),
+        reverse=True,
+    )
+    if finished < 2 or len(flying) != 2:
+        return None
+    (ahead_epoch, ahead), (behind_epoch, behind) = flying
+    if 2 <= ahead_epoch < FINAL_EPOCHS and behind_epoch >= 1:
+        return ahead, behind
+    return None
+
+
 def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cache, tmp_path):
     """Selection never reads the test split (test labels scrambled: the search still scores
     high on selection, the final stage scores chance on test); every finalist and reference
     has one run per seed; a driver killed in the final stage and resumed ends with exactly
-    (top_k + 3) x seeds final runs; the printed report equals a direct computation."""
+    (top_k + 3) x seeds final runs; the printed report equals a direct computation.
+
+    Torn checkpoints: after the kill, one in-flight run's newest checkpoint files are truncated
+    (it falls back to the previous one) and every checkpoint of the other is replaced by a
+    PyTorch file that is not a trial checkpoint (it restarts from epoch 1); each says so in one
+    line, and every epoch of every run is logged once."""
     _write_colour_cifar10(tmp_path / "data")
     spec_path = write_spec(
         {
             "data": {"dataset": "cifar10", "root": str(tmp_path / "data"), "image_size": 8},
             "teacher": {"train": {"batch_size": 32}},
-            "train": {"batch_size": 32},
-            "search": {"num_trials": 2, "max_concurrent": 2, "references": False},
+            "train": {"batch_size": 32, "epochs": FINAL_EPOCHS},
+            "search": {"num_trials": 2, "max_concurrent": 2, "references": False, "epochs": 2},
             "final": {"top_k": 1, "seeds": 2},
         }
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     driver = start_driver(spec_path, tmp_path, tmp_path / "first.log")
 
     def finished() -> int:
@@ -147,19 +240,31 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     second = run_cli([str(spec_path)], cwd=tmp_path)
     (refused,) = second.stderr.strip().splitlines()
     assert second.returncode == 2 and f"running: driver pid {driver.pid} " in refused, refused
-    deadline = time.time() + 500
-    while time.time() < deadline and finished() < 2:  # 8 final runs, two at a time
+    deadline = time.time() + 600
+    while time.time() < deadline and _kill_window(_final_epochs(client)) is None:
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.25)
+        time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     assert 2 <= finished() < 8, finished()
+    window = _kill_window(_final_epochs(client))
+    assert window is not None, _final_epochs(client)
+    ahead, behind = window
+
+    # The run ahead: every checkpoint but its oldest truncated (the newest is the one Train
+    # restores; a newer folder the kill left half-written is torn too).
+    torn = _checkpoint_files(tmp_path / "runs", ahead)
+    assert len(torn) >= 2, torn
+    for path in torn[1:]:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    # The run behind: every checkpoint a PyTorch file of someone else's.
+    for path in _checkpoint_files(tmp_path / "runs", behind):
+        torch.save({"weights": torch.zeros(3)}, path)
 
     result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "driver lock: broke" in result.stdout and not lock.exists()  # the killed driver's
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     _, children = child_runs(client, "sdd-search/tiny")
 
     # (a) selection is high, test is chance: nothing that chose read the test labels.
@@ -170,6 +275,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     ]
     assert all("test_top1" not in r.data.metrics for r in searched)
     final = [r for r in children if r.data.tags["sdd_search.role"] == "final"]
+    _assert_torn_runs_said_what_they_did(tmp_path / "runs", final, ahead, behind)
     # (b, c) exactly one run per (configuration, seed), each with its test score
     pairs = sorted(
         (r.data.tags["sdd_search.final_entry"], r.data.tags["sdd_search.seed"]) for r in final
@@ -180,9 +286,9 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
         assert run.info.status == "FINISHED"
         assert run.data.params["data.stage"] == "final"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == [1, 2]  # every epoch once, across the kill
+        assert steps == list(range(1, FINAL_EPOCHS + 1))  # every epoch once, across the kill
         test_steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")]
-        assert test_steps == [2]  # read once, at the last epoch
+        assert test_steps == [FINAL_EPOCHS]  # read once, at the last epoch
         assert "val_top1" not in run.data.metrics
     distilled = [r for r in final if r.data.tags["sdd_search.final_entry"] != "baseline"]
     assert max(r.data.metrics["test_top1"] for r in distilled) < 35.0  # chance is 10 %
@@ -229,9 +335,13 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"final_report.txt", "final_report.csv", "final_report.json"} <= artifacts
 
-    # Resuming the finished search runs nothing and prints the report again.
+    # Resuming the finished search starts no Ray, runs nothing and prints the report again;
+    # with a changed spec, it is refused naming the file and the field.
     again = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith("sdd-search: search 'tiny' ran to its end already; nothing")
+    assert "Search 'tiny': finished" in again.stdout and "[search]" not in again.stdout
+    assert_resume_refused(spec_path, tmp_path, "final.seeds", 3, 2)
     assert len(_final_runs(uri)) == 8
     reprinted = {
         m["name"]: m.group(0) for m in map(_REPORT_ROW.match, again.stdout.splitlines()) if m
