@@ -84,9 +84,9 @@ def search(argv: list[str]) -> int:
         print("spec OK")
         return 0
 
-    _set_up_output(args.verbose)
-    if args.resume and (finished := _finished_already(spec, spec_path)) is not None:
+    if args.resume and (finished := _finished_already(spec, spec_path, args.verbose)) is not None:
         return finished
+    _set_up_output(args.verbose)
     from sdd_search.driver_lock import DriverLockError
     from sdd_search.ray_compat import RayCompatError
     from sdd_search.search import (  # Ray's settings: run_search's own
@@ -130,11 +130,16 @@ def search(argv: list[str]) -> int:
     return 0
 
 
-def _finished_already(spec, spec_path: Path) -> int | None:
-    """``--resume`` of a search that ran to its end: nothing to train, so no Ray; its report
-    (as ``sdd-search report`` prints it) and exit 0, or 2 for a spec changed since. None when
-    the search did not finish: the resume goes on."""
+def _finished_already(spec, spec_path: Path, verbose: bool) -> int | None:
+    """``--resume`` of a search that ran to its end: nothing to train, so no Ray (not even
+    imported); its report (as ``sdd-search report`` prints it) and exit 0, or 2 for a spec
+    changed since. None when the search did not finish: the resume goes on."""
+    import logging
+
     from sdd_search import report, resume_check
+
+    if not verbose:  # no store-migration chatter, as `sdd-search report`
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     record = report.finished_search(spec)
     if record is None:

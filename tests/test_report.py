@@ -303,6 +303,56 @@ def test_report_cli_reads_a_search_folder_and_never_imports_ray(tmp_path):
     assert json.loads(result.stdout)["leaderboard"][0]["name"] == "trial-aaa01"
 
 
+def test_resume_of_a_finished_search_prints_its_report_without_ray(tmp_path):
+    """`sdd-search SPEC --resume` on a search that ran to its end starts no Ray and trains
+    nothing: its report and exit 0; with a changed spec, one line naming the file and the field.
+    A search that did not run to its end is resumed as ever (no report here)."""
+    from sdd_search import resume_check
+    from sdd_search.tracking import TAG_OUTCOME
+
+    logged = log_search(tmp_path)
+    assert report.finished_search(logged.spec) is None  # still running: resume it
+    logged.finish()
+    assert report.finished_search(logged.spec) is None  # no outcome: not known to have ended
+    logged.tracker.set_tags(logged.tracker.parent_run_id, {TAG_OUTCOME: "finished"})
+    resume_check.record(logged.spec)
+    tree = deep_update(copy.deepcopy(TINY_SPEC), {"search": {"references": True}})
+    tree["tracking"]["uri"] = logged.spec.tracking.uri
+    tree["storage"] = str(tmp_path / "runs")
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(json.dumps(tree))
+    probe = (
+        "import sys; from sdd_search.cli import main; code = main(sys.argv[1:]);"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY', file=sys.stderr);"
+        "sys.exit(code)"
+    )
+
+    def resume(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", probe, str(spec_path), "--resume", *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = resume()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "NO_RAY", done.stderr[-3000:]
+    assert done.stdout.startswith("sdd-search: search 'tiny' ran to its end already; nothing")
+    assert "Search 'tiny': finished" in done.stdout
+    assert _leaderboard_block(done.stdout) == _leaderboard_block(
+        report.render(report.open_search(logged.spec))
+    )
+    changed = resume("--set", "search.num_trials=5")
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert changed.stderr.strip().splitlines()[0] == (
+        f"sdd-search: error: {spec_path}: --resume: search.num_trials is 5 here but the search "
+        "started with 3; a resumed search keeps its spec (put it back, or --set name=... to "
+        "start another search)"
+    )
+
+
 def test_report_errors_are_one_line_exit_2(tmp_path, capsys):
     from sdd_search.cli import main
 
