@@ -104,8 +104,7 @@ def search(argv: list[str]) -> int:
             spec, resume=args.resume, address=args.address, spec_text=spec_path.read_text()
         )
     except SpecChangedError as error:
-        print(f"sdd-search: error: {spec_path}: {error}", file=sys.stderr)
-        return 2
+        return _spec_changed(spec_path, str(error))
     except (SearchError, TeacherError, RayCompatError, DriverLockError) as error:
         print(f"sdd-search: error: {error}", file=sys.stderr)
         return 2
@@ -134,22 +133,24 @@ def _finished_already(spec, spec_path: Path, verbose: bool) -> int | None:
     """``--resume`` of a search that ran to its end: nothing to train, so no Ray (not even
     imported); its report (as ``sdd-search report`` prints it) and exit 0, or 2 for a spec
     changed since. None when the search did not finish: the resume goes on."""
-    import logging
-
     from sdd_search import report, resume_check
 
-    if not verbose:  # no store-migration chatter, as `sdd-search report`
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-
+    if not verbose:
+        report.hide_mlflow_chatter()
     record = report.finished_search(spec)
     if record is None:
         return None
     if changed := resume_check.changed_field(spec):
-        print(f"sdd-search: error: {spec_path}: {changed}", file=sys.stderr)
-        return 2
+        return _spec_changed(spec_path, changed)
     print(f"sdd-search: search {spec.name!r} ran to its end already; nothing to resume.\n")
     print(report.render(record))
     return 0
+
+
+def _spec_changed(spec_path: Path, line: str) -> int:
+    """A resume refused for a changed spec: its one line, naming the spec file; exit 2."""
+    print(f"sdd-search: error: {spec_path}: {line}", file=sys.stderr)
+    return 2
 
 
 def _print_outcome(spec, args, outcome) -> None:

@@ -183,6 +183,13 @@ def open_search(spec: Spec) -> SearchRecord:
     return SearchRecord(spec, client, uri, experiment.experiment_id, parents[0], children)
 
 
+def hide_mlflow_chatter() -> None:
+    """No store-migration chatter from MLflow ("Creating initial MLflow database tables...")."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def finished_search(spec: Spec) -> SearchRecord | None:
     """The search of ``spec`` if it ran to its end (its parent run says so), read from MLflow
     without Ray; None when it did not, or when MLflow cannot say at once (the search's own
@@ -192,7 +199,7 @@ def finished_search(spec: Spec) -> SearchRecord | None:
     try:
         with failing_fast():
             record = open_search(spec)
-    except Exception:  # noqa: BLE001 (no record, or none to be had quickly: not finished)
+    except ReportError:  # no record, or none to be had quickly (MLflow's errors become one)
         return None
     return record if record.parent.data.tags.get(TAG_OUTCOME) == "finished" else None
 
@@ -491,9 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server that is down: fail
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
+    hide_mlflow_chatter()
     try:
         record = open_search(spec_of(args.search, args.overrides))
     except (SpecError, ReportError) as error:

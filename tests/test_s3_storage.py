@@ -21,20 +21,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from object_store import s3_server
-from test_search import start_driver
+from test_search import logged_epochs, start_driver
 
 pytestmark = pytest.mark.slow
-
-
-def _logged_epochs(client: MlflowClient) -> list[int]:
-    experiment = client.get_experiment_by_name("sdd-search/tiny")
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
-    return sorted(
-        max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
-        for r in runs
-    )
 
 
 def _keys(s3, prefix: str) -> list[str]:
@@ -74,7 +63,7 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
         first.mkdir()
         driver = start_driver(spec_path, first, tmp_path / "first.log", env)
         deadline = time.time() + 400
-        while time.time() < deadline and max(_logged_epochs(client), default=0) < 1:
+        while time.time() < deadline and max(logged_epochs(uri), default=0) < 1:
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         # A scheduler's stop: SIGTERM, and again before the clean stop is done (the second
@@ -96,7 +85,7 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
             "tags.`sdd_search.role` = 'parent'",
         )
         assert parent.data.tags["sdd_search.outcome"] == "interrupted", parent.data.tags
-        logged = _logged_epochs(client)
+        logged = logged_epochs(uri)
         assert logged and min(logged) < 2, logged  # killed mid-search
 
         # Checkpoints and Tune's state are in the bucket, not on this machine.

@@ -68,17 +68,26 @@ def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     return parents[0], children
 
 
-def logged_epochs(uri: str, role: str = "trial") -> list[int]:
-    """The last epoch MLflow holds for each run of one role (sorted), as the driver logs them."""
+def last_logged(uri: str, role: str = "trial", metric: str = "val_top1") -> dict:
+    """Each run of one role, as the driver logs them: trial id -> (its MLflow status, the last
+    epoch MLflow holds of ``metric``)."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("sdd-search/tiny")
     if experiment is None:
-        return []
+        return {}
     runs = client.search_runs([experiment.experiment_id], f"tags.`sdd_search.role` = '{role}'")
-    return sorted(
-        max((m.step for m in client.get_metric_history(r.info.run_id, "val_top1")), default=0)
+    return {
+        r.data.tags["sdd_search.trial_id"]: (
+            r.info.status,
+            max((m.step for m in client.get_metric_history(r.info.run_id, metric)), default=0),
+        )
         for r in runs
-    )
+    }
+
+
+def logged_epochs(uri: str, role: str = "trial") -> list[int]:
+    """The last epoch MLflow holds for each run of one role (sorted), as the driver logs them."""
+    return sorted(epoch for _, epoch in last_logged(uri, role).values())
 
 
 def test_spec_yaml_in_repo_matches_embedded_default():
@@ -164,24 +173,6 @@ _REPORT_ROW = re.compile(
 FINAL_EPOCHS = 8
 
 
-def _final_epochs(client: MlflowClient) -> dict[str, tuple[str, int]]:
-    """Final run's trial id -> (its MLflow status, the last epoch MLflow holds for it)."""
-    experiment = client.get_experiment_by_name("sdd-search/tiny")
-    if experiment is None:
-        return {}
-    runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'final'")
-    return {
-        run.data.tags["sdd_search.trial_id"]: (
-            run.info.status,
-            max(
-                (m.step for m in client.get_metric_history(run.info.run_id, "train_loss")),
-                default=0,
-            ),
-        )
-        for run in runs
-    }
-
-
 def _checkpoint_files(runs: Path, trial_id: str) -> list[Path]:
     """The trial's checkpoint files in its Train run folder, oldest first (Train names each
     folder checkpoint_<date and time>)."""
@@ -241,15 +232,15 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     (refused,) = second.stderr.strip().splitlines()
     assert second.returncode == 2 and f"running: driver pid {driver.pid} " in refused, refused
     deadline = time.time() + 600
-    while time.time() < deadline and _kill_window(_final_epochs(client)) is None:
+    while time.time() < deadline and _kill_window(last_logged(uri, "final", "train_loss")) is None:
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     assert 2 <= finished() < 8, finished()
-    window = _kill_window(_final_epochs(client))
-    assert window is not None, _final_epochs(client)
+    window = _kill_window(last_logged(uri, "final", "train_loss"))
+    assert window is not None, last_logged(uri, "final", "train_loss")
     ahead, behind = window
 
     # The run ahead: every checkpoint but its oldest truncated (the newest is the one Train
