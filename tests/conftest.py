@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_ray import RayOwner
 
 TINY_SPEC: dict = {
     "name": "tiny",
@@ -77,3 +78,12 @@ def teacher_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher-cache")
     os.environ["SDD_SEARCH_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def ray_owner():
+    """A token for the environment of the drivers this test starts (``ray_owner.env()``); at
+    teardown, whatever Ray processes they left are stopped, and no other test's."""
+    owner = RayOwner()
+    yield owner
+    owner.stop()

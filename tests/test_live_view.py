@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from local_ray import OWNER
 from mlflow import MlflowClient
 from rich.console import Console
 
@@ -371,7 +372,9 @@ def wait_for(condition, timeout: float, what: str, on_fail=lambda: ""):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
-def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teacher_cache, tmp_path):
+def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(
+    write_spec, teacher_cache, tmp_path, ray_owner
+):
     """The whole loop as a user runs it. `sdd-search` writing to a file (one plain line per
     event), stopped by Ctrl-C mid-search (SIGINT to its process group, as a terminal sends
     it): nothing registered, the parent run marked interrupted, one line with the resume
@@ -401,7 +404,7 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     )
     spec = load_spec(spec_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
+    env = ray_owner.env({"PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"})
 
     # 1. Not a terminal: plain lines. Ctrl-C once the references have finished and both
     # trials have trained, the one behind mid-training (after its first epoch, before ASHA's
@@ -425,7 +428,7 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        ray_owner.stop()
     first = log_path.read_text()
     (line,) = [text for text in first.splitlines() if text.startswith("sdd-search: interrupted")]
     assert line.endswith(f"continue with: sdd-search {spec_path} --resume"), line
@@ -454,7 +457,8 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(write_spec, teache
     # 2. A terminal: the resumed search's live view, then what it printed at its end.
     terminal = Tmux("resume")
     try:
-        command = f"env SDD_SEARCH_CACHE={teacher_cache} {sys.executable} -m sdd_search"
+        marks = f"SDD_SEARCH_CACHE={teacher_cache} {OWNER}={ray_owner.token}"
+        command = f"env {marks} {sys.executable} -m sdd_search"
         terminal.start(f"{command} {spec_path} --resume", tmp_path)
         during = terminal.wait_for(r"^trial-\w+ ")  # the first trial's row
         done = terminal.wait_for(r"^EXIT=", everything=True, timeout=400)

@@ -294,7 +294,7 @@ def visible_text(dom: str) -> str:
 
 
 def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
-    mlflow_server, write_spec, teacher_cache, tmp_path
+    mlflow_server, write_spec, teacher_cache, tmp_path, ray_owner
 ):
     """One search on a real `mlflow server`, shared by three checks. (1) The server is killed
     once a first epoch is in it and started again (same port, same store) while the trials
@@ -322,7 +322,7 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
         cli = subprocess.Popen(
             [sys.executable, "-m", "sdd_search", str(spec_path)],
             cwd=tmp_path,
-            env={**os.environ, **QUIET},
+            env=ray_owner.env(QUIET),
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
@@ -348,7 +348,7 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
         returncode = cli.wait(timeout=600)
     finally:
         stop_group(cli, grace=20)  # a no-op once it has exited
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        ray_owner.stop()
     stdout_text, stderr_text = out.read_text(), err.read_text()
     assert returncode == 0, stdout_text[-3000:] + stderr_text[-3000:]
     assert (

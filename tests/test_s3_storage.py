@@ -9,7 +9,6 @@ A real search is killed once its first epoch is in MLflow, its local folder dele
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -32,12 +31,12 @@ def _keys(s3, prefix: str) -> list[str]:
 
 
 def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
-    write_spec, teacher_cache, tmp_path, monkeypatch
+    write_spec, teacher_cache, tmp_path, monkeypatch, ray_owner
 ):
     with s3_server() as s3:
         s3.bucket("sdd")
         env = {
-            **os.environ,
+            **ray_owner.env(),
             **s3.env,
             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
             "AWS_EC2_METADATA_DISABLED": "true",
@@ -74,7 +73,7 @@ def test_a_search_on_s3_resumes_from_the_bucket_in_a_fresh_folder(
         stopped = time.time()
         assert driver.wait(timeout=120) == 143, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() - stopped < 60, time.time() - stopped
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        ray_owner.stop()
         first_log = (tmp_path / "first.log").read_text()
         (line,) = [t for t in first_log.splitlines() if t.startswith("sdd-search: interrupted")]
         assert line.startswith("sdd-search: interrupted (SIGTERM); nothing registered; ")

@@ -196,7 +196,9 @@ def _kill_window(runs: dict[str, tuple[str, int]]) -> tuple[str, str] | None:
     return None
 
 
-def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cache, tmp_path):
+def test_final_stage_reads_test_once_and_survives_a_kill(
+    write_spec, teacher_cache, tmp_path, ray_owner
+):
     """Selection never reads the test split (test labels scrambled: the search still scores
     high on selection, the final stage scores chance on test); every finalist and reference
     has one run per seed; a driver killed in the final stage and resumed ends with exactly
@@ -218,7 +220,9 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    driver = start_driver(spec_path, tmp_path, tmp_path / "first.log")
+    driver = start_driver(
+        spec_path, tmp_path, tmp_path / "first.log", ray_owner.env({"PYTHONUNBUFFERED": "1"})
+    )
 
     def finished() -> int:
         return sum(r.info.status == "FINISHED" for r in _final_runs(uri))
@@ -237,7 +241,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    ray_owner.stop()  # its Ray: no trial process writes a checkpoint from here on
     assert 2 <= finished() < 8, finished()
     window = _kill_window(last_logged(uri, "final", "train_loss"))
     assert window is not None, last_logged(uri, "final", "train_loss")
@@ -253,7 +257,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(write_spec, teacher_cac
     for path in _checkpoint_files(tmp_path / "runs", behind):
         torch.save({"weights": torch.zeros(3)}, path)
 
-    result = run_cli([str(spec_path), "--resume"], cwd=tmp_path)
+    result = run_cli([str(spec_path), "--resume"], cwd=tmp_path, env_extra=ray_owner.marker)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "driver lock: broke" in result.stdout and not lock.exists()  # the killed driver's
     _, children = child_runs(client, "sdd-search/tiny")
