@@ -10,7 +10,7 @@ quickstart: install  ## the main job on the embedded default: a search on digits
 # The fast tests two at a time (none starts Ray), then the end-to-end ones one at a time: each
 # starts its own Ray and stops only that one (tests/local_ray.py); they time their kills by the
 # epochs a search logged. Two of them at once gain nothing on 2 cores (the CPU is the limit).
-test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~12 min on 2 cores)
+test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~14 min on 2 cores)
 	python3 -m pytest -q -p no:cacheprovider -m "not slow" -n 2
 	python3 -m pytest -q -p no:cacheprovider -m slow
 
