@@ -19,36 +19,6 @@ from pathlib import Path
 OWNER = "SDD_TEST_RAY_OWNER"
 
 
-def processes(token: str) -> list[int]:
-    """The pids of the live processes whose environment holds ``OWNER=token``."""
-    marker = f"{OWNER}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if state != "Z" and marker in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
-
-
-def stop(token: str, timeout: float = 30.0) -> None:
-    """SIGKILL every process marked with ``token`` until none is left (a process may still
-    start a worker while its siblings die); raise if some outlive ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while pids := processes(token):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Ray processes of this test still alive after {timeout}s: {pids}")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
 class RayOwner:
     """One test's token: ``env`` marks a driver's environment, ``stop`` ends its Ray."""
 
@@ -61,7 +31,29 @@ class RayOwner:
         return {**os.environ, **(extra or {}), **self.marker}
 
     def processes(self) -> list[int]:
-        return processes(self.token)
+        """The pids of the live processes whose environment holds this test's token."""
+        marker = f"{OWNER}={self.token}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if state != "Z" and marker in environ.split(b"\0"):
+                found.append(int(entry.name))
+        return found
 
     def stop(self, timeout: float = 30.0) -> None:
-        stop(self.token, timeout)
+        """SIGKILL every process marked with the token until none is left (a process may still
+        start a worker while its siblings die); raise if some outlive ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while pids := self.processes():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray processes of this test alive after {timeout}s: {pids}")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from local_ray import RayOwner
+from test_live_view import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,13 @@ def start(owner: RayOwner, out: Path) -> tuple[subprocess.Popen, int]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    for _ in range(600):
-        text = out.read_text().strip()
-        if text.splitlines() and text.splitlines()[-1].isdigit():
-            return driver, int(text.splitlines()[-1])
-        assert driver.poll() is None, text
-        time.sleep(0.1)
-    raise AssertionError(out.read_text())
+
+    def worker_pid() -> int | None:
+        printed = out.read_text().split()
+        assert driver.poll() is None, out.read_text()
+        return int(printed[-1]) if printed and printed[-1].isdigit() else None
+
+    return driver, wait_for(worker_pid, 60, "the driver's actor", out.read_text)
 
 
 def test_stop_ends_this_tests_ray_and_leaves_another_running(tmp_path):
