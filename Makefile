@@ -7,12 +7,12 @@ install:  ## install the package and its test tools (torch from the local wheels
 quickstart: install  ## the main job on the embedded default: a search on digits, CPU, local Ray + MLflow
 	sdd-search search_spaces/quickstart.yaml
 
-# The fast tests two at a time (none starts Ray), then the end-to-end ones one at a time: each
-# starts its own Ray and stops only that one (tests/local_ray.py); they time their kills by the
-# epochs a search logged. Two of them at once gain nothing on 2 cores (the CPU is the limit).
-test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~14 min on 2 cores)
-	python3 -m pytest -q -p no:cacheprovider -m "not slow" -n 2
-	python3 -m pytest -q -p no:cacheprovider -m slow
+# One pytest, two workers (--dist loadgroup): the end-to-end tests (marked slow, one group:
+# tests/conftest.py) run one at a time on one worker, in order, each with its own Ray that it
+# alone stops (tests/local_ray.py), timing its kills by the epochs a search logged; the fast
+# ones (no Ray) run on the other worker meanwhile. `-m slow` or `-m "not slow"` runs one half.
+test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~9 min on 2 cores)
+	python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 lint:
 	ruff check . && ruff format --check .

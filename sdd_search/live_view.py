@@ -57,6 +57,9 @@ def hide_chatter() -> None:
             logger.addFilter(OneLine())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    # Nor the two lines ("View run ... at: URL", "View experiment at: URL") MLflow writes to
+    # stdout for every run it ends on a tracking server: the search prints its runs' link once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 

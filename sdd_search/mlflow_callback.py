@@ -16,6 +16,7 @@ an older checkpoint (``sdd_search.restore``): MLflow keeps the values it first l
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -131,7 +132,16 @@ class MlflowTrialCallback(Callback):
 
     def _submit(self, *operation) -> None:
         if not self._stopped:
-            self.buffer.submit(operation, self._send)
+            try:
+                self.buffer.submit(operation, self._send)
+            finally:
+                self._say_notices()
+
+    def _say_notices(self) -> None:
+        """The buffer's lines (the server away, back) on the search's output: above the live
+        view in a terminal (it redirects stdout there), one plain line each elsewhere."""
+        for line in self.buffer.take_notices():
+            print(line, flush=True)
 
     def _send(self, operation: tuple) -> None:
         """Perform one operation: ("run", trial id, name, role, params, tags), ("epoch", trial
@@ -185,12 +195,14 @@ class MlflowTrialCallback(Callback):
             self._done_before = {t.trial_id for t in trials if t.status in _ENDED}
         if self._stopped:
             return
-        self.buffer.flush(self._send)
         try:
+            self.buffer.flush(self._send)
             self.buffer.check()
         except TrackingUnavailableError:
             self._stopped = True
             raise
+        finally:
+            self._say_notices()
 
     def on_experiment_end(self, trials, **info):
         """Send everything before the fit returns (the search reads MLflow next). A fit that
@@ -200,14 +212,16 @@ class MlflowTrialCallback(Callback):
         if self._stopped:
             return
         done = self.ended | (self._done_before or set())
-        if any(t.trial_id not in done for t in trials):
-            self.buffer.flush(self._send, now=True)
-            return
         try:
+            if any(t.trial_id not in done for t in trials):
+                self.buffer.flush(self._send, now=True)
+                return
             self.buffer.drain(self._send)
         except TrackingUnavailableError:
             self._stopped = True
             raise
+        finally:
+            self._say_notices()
 
     # -- what Tune reports -------------------------------------------------------------------
 
@@ -314,7 +328,7 @@ def _final_tags(config: dict) -> dict[str, str]:
 
 
 def error_summary(trial) -> str:
-    """The last meaningful line of a Tune trial's error (the exception), for a one-line reason."""
+    """A Tune trial's error (the exception) in one line, for a reason tag and the live view."""
     text = ""
     try:
         path = trial.error_file
@@ -325,8 +339,32 @@ def error_summary(trial) -> str:
     if not text:
         error = getattr(trial, "get_error", lambda: None)()
         text = str(error or "unknown error")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
-            return line[:1000]
-    return (lines[-1] if lines else "unknown error")[:1000]
+    return summarize_error(text)
+
+
+# An exception's own line: "RuntimeError: ...", "ray.train.WorkerGroupError: ...".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+# Lines of Ray's error reports that frame the detail rather than state it: "[Rank 0 Error
+# Snippet]:", "Worker info: Worker(", its indented fields and closing ")", "\tpid: 123".
+_FRAME_LINE = re.compile(r"^(\[.*\]:|Worker info:|\)|\s)")
+
+
+def summarize_error(text: str) -> str:
+    """The last exception line of a traceback or of Ray's error report, in at most 1000
+    characters. Where that line only announces its detail (Ray's "Training failed due to
+    worker errors:"), the detail's own sentences follow it on the same line (a placement group
+    removed, a worker that died), without the report's framing."""
+    raw = [line.rstrip() for line in text.strip().splitlines()]
+    lines = [line for line in raw if line.strip()]
+    if not lines:
+        return "unknown error"
+    headers = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not headers:
+        flagged = [line for line in lines if "Error" in line or "Exception" in line]
+        return (flagged or lines)[-1].strip()[:1000]
+    start = headers[-1]
+    summary = lines[start].strip()
+    if summary.endswith(":"):
+        detail = [line.strip() for line in lines[start + 1 :] if not _FRAME_LINE.match(line)]
+        summary = " ".join([summary, *detail])
+    return summary[:1000]

@@ -11,8 +11,11 @@ through :func:`apply_ray_env_defaults`, before Ray itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import warnings
+from collections.abc import Iterator
 
 # Read when Ray (ray.train, ray._private) is imported or a Tuner fits: set before either.
 RAY_ENV_DEFAULTS = {
@@ -49,6 +52,54 @@ def apply_ray_env_defaults(local_ray: bool = False) -> None:
     if local_ray:
         for name, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(name, value)
+
+
+# Ray Train's placement-group cleaner (one per trial, in a worker process) asks the state API
+# every second whether its trial's controller still lives. With no address in its environment
+# the state API asks the Ray started last on this machine (/tmp/ray/ray_current_cluster): with a
+# second Ray here (another search, the user's own), that one has no such controller, and the
+# cleaner removes the placement group of a healthy trial ("Destroying worker since its
+# placement group was removed"). So a Ray this search starts puts its own dashboard's address
+# in its workers' environment (the state API reads RAY_API_SERVER_ADDRESS first), and a Ray it
+# joins at host:port gets RAY_ADDRESS in the job's runtime environment.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's own default, where a user looks first
+
+
+def dashboard_port(host: str = "127.0.0.1") -> int:
+    """Ray's default dashboard port where it is free on ``host``, else a free port."""
+    for port in (DEFAULT_DASHBOARD_PORT, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError(f"no free port on {host} for Ray's dashboard")
+
+
+@contextlib.contextmanager
+def local_ray_environment(port: int, host: str = "127.0.0.1") -> Iterator[None]:
+    """While ``ray.init`` starts a local Ray whose dashboard listens on ``host:port``: its
+    raylet, and so every worker of it, inherits this process's environment with the state
+    API pointed at that dashboard. This process's own environment is put back after."""
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://{host}:{port}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+def joined_ray_runtime_env(address: str) -> dict | None:
+    """The job runtime environment for joining the Ray at ``address``: its workers' state API
+    asks that Ray (``host:port``); None for "auto" or a Ray Client address (``ray://``)."""
+    if address == "auto" or "://" in address:
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
 
 
 def _upgrade_hint() -> str:

@@ -77,6 +77,27 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+_REQUEST = re.compile(r"API request to (?:endpoint )?(?:https?://[^/\s]+)?(/[^\s?]+)")
+_WHY = [  # what an unanswered request's error says, in a few words
+    (re.compile(r"Connection refused|NewConnectionError", re.I), "connection refused"),
+    (re.compile(r"RemoteDisconnected|Connection aborted|reset by peer", re.I), "connection lost"),
+    (re.compile(r"timed out|timeout", re.I), "no answer in time"),
+    (re.compile(r"error code (\d{3})"), r"HTTP \1"),
+]
+
+
+def short_reason(error: BaseException) -> str:
+    """Why a tracking call got no answer, in a few words, e.g.
+    "/api/2.0/mlflow/runs/log-batch: connection refused"; MLflow's whole message otherwise."""
+    text = " ".join(str(error).split())
+    for pattern, words in _WHY:
+        if found := pattern.search(text):
+            why = found.expand(words)
+            request = _REQUEST.search(text)
+            return f"{request.group(1)}: {why}" if request else why
+    return _one_line(error)
+
+
 def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
     """Raise :class:`TrackingUnavailableError` (not resumable) when ``uri`` is a tracking
     server (http or https) that does not answer ``GET <uri>/health`` within ``timeout``
@@ -137,10 +158,16 @@ class TrackingBuffer:
         self._down_since: float | None = None  # time.monotonic() of the first failed try
         self._delay = FIRST_RETRY_DELAY
         self._next_try = 0.0
+        self.notices: list[str] = []  # one line as the server goes away, one as it is back
 
     def __getstate__(self) -> dict:
         # A new process has a new monotonic clock: an outage is timed from its first try there.
-        return {**self.__dict__, "_down_since": None, "_next_try": 0.0}
+        return {**self.__dict__, "_down_since": None, "_next_try": 0.0, "notices": []}
+
+    def take_notices(self) -> list[str]:
+        """The lines for the user since the last call (the server went away, or is back)."""
+        notices, self.notices = self.notices, []
+        return notices
 
     @property
     def down_for(self) -> float:
@@ -176,17 +203,29 @@ class TrackingBuffer:
                     self._failed(error)
                     return False
                 self.pending.popleft()
+                if self._down_since is not None:
+                    self.notices.append(
+                        f"tracking: the MLflow server at {self.uri or 'tracking.uri'} answers "
+                        f"again after {self.down_for:.0f} s; sending the {len(self.pending) + 1} "
+                        "tracking calls that waited, in order"
+                    )
                 self._down_since, self._delay = None, FIRST_RETRY_DELAY
         return True
 
     def _failed(self, error: BaseException) -> None:
         clock = time.monotonic()
+        self.last_error = short_reason(error)
         if self._down_since is None:
             self._down_since, self._delay = clock, FIRST_RETRY_DELAY
+            self.notices.append(
+                f"tracking: the MLflow server at {self.uri or 'tracking.uri'} does not answer "
+                f"({self.last_error}); the trials train on and their tracking calls wait, "
+                f"retried with backoff; the search stops, resumable, if it stays away "
+                f"{self.outage_seconds:g} s (tracking.outage_seconds)"
+            )
         else:
             self._delay = min(2 * self._delay, MAX_RETRY_DELAY)
         self._next_try = clock + self._delay
-        self.last_error = _one_line(error)
 
     def check(self) -> None:
         """Raise :class:`TrackingUnavailableError` (resumable) once the server has been away

@@ -44,13 +44,23 @@ def start_ray(address: str | None) -> None:
     # Warnings, or less where the caller raised Ray's logger (the CLI hides Ray's chatter).
     level = max(logging.WARNING, logging.getLogger("ray").level)
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=level)
+        runtime_env = ray_compat.joined_ray_runtime_env(address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=level)
     else:
         # "local" always starts a fresh Ray, never joins another one running on this machine.
         # The dashboard serves the state API that Ray Train's placement-group cleaner needs
-        # to free the workers of early-stopped trials.
+        # to free the workers of early-stopped trials; the workers ask this Ray's, not the
+        # newest Ray's on the machine (ray_compat.local_ray_environment).
         ray_compat.apply_ray_env_defaults(local_ray=True)  # the local raylet's workers inherit
-        ray.init(address="local", include_dashboard=True, log_to_driver=False, logging_level=level)
+        port = ray_compat.dashboard_port()
+        with ray_compat.local_ray_environment(port):
+            ray.init(
+                address="local",
+                include_dashboard=True,
+                dashboard_port=port,
+                log_to_driver=False,
+                logging_level=level,
+            )
     stopping.reinstall()  # ray.init replaced the SIGTERM handler with sys.exit
 
 

@@ -45,6 +45,29 @@ TINY_SPEC: dict = {
 }
 
 
+# `make test` (pytest -n 2 --dist loadgroup): the end-to-end tests (marked slow) in two groups
+# of about equal time, one per worker, each group's tests one at a time and in order; the fast
+# tests (no Ray) fill in as a group runs out. Each end-to-end test starts and stops only its
+# own Ray (tests/local_ray.py); a search's workers ask their own Ray, never the newest on the
+# machine (sdd_search/ray_compat.py), so two at once do not disturb each other.
+END_TO_END_GROUPS = {
+    "test_faults.py": "end-to-end-1",  # the multi-node cluster, ~3.5 min
+    "test_mlflow_ui.py": "end-to-end-1",
+    "test_local_ray.py": "end-to-end-1",
+    "test_search.py": "end-to-end-2",  # the final stage, ~2.5 min
+    "test_live_view.py": "end-to-end-2",
+    "test_s3_storage.py": "end-to-end-2",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow"):
+            group = END_TO_END_GROUPS.get(item.path.name, "end-to-end-1")
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def deep_update(tree: dict, updates: dict) -> dict:
     for key, value in updates.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict):

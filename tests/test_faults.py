@@ -69,10 +69,13 @@ def cluster(teacher_cache):
             add_worker(cluster)
         cluster.wait_for_nodes()
         # A job-level runtime_env (Ray's public API) reaches every worker process on every node,
-        # nodes added later included; run_search then joins this connection.
-        ray.init(
-            address=cluster.address, runtime_env=fault_injection.RUNTIME_ENV, log_to_driver=False
-        )
+        # nodes added later included; run_search then joins this connection. RAY_ADDRESS in it,
+        # as run_search sets it where it joins a Ray itself: Train's placement-group cleaners
+        # ask this cluster, whichever Ray on the machine is newer.
+        from sdd_search.ray_compat import joined_ray_runtime_env
+
+        runtime_env = {**fault_injection.RUNTIME_ENV, **joined_ray_runtime_env(cluster.address)}
+        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=False)
         yield cluster
     finally:
         ray.shutdown()  # run_search connected this process to the cluster

@@ -48,6 +48,7 @@ LEAKS = (
     "A new study created",
     "Token authentication",
     "Bracket:",
+    "View run ",  # MLflow's per-run links (a tracking server's; test_mlflow_ui.py)
 )
 
 

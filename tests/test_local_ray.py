@@ -1,4 +1,5 @@
-"""The end-to-end tests' Ray clean-up stops the Ray a test started and no other one."""
+"""Two Rays on one machine: the end-to-end tests' clean-up stops the Ray a test started and no
+other one, and a search keeps its trials when another Ray starts beside its own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from local_ray import RayOwner
 from test_live_view import wait_for
+from test_mlflow_ui import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +62,70 @@ def test_stop_ends_this_tests_ray_and_leaves_another_running(tmp_path):
     finally:
         mine.stop()
         theirs.stop()
+
+
+def gcs_server(pid: int) -> bool:
+    try:
+        return b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_search_keeps_its_trial_when_another_ray_starts_beside_it(
+    write_spec, teacher_cache, tmp_path, ray_owner
+):
+    """`ray start --head` on the machine mid-search (a user's own Ray) makes that Ray the one
+    Ray's state API finds by default (/tmp/ray/ray_current_cluster). The search's trial, which
+    may not fail even once, trains to its end: Ray Train's placement-group cleaner asks the
+    search's own Ray whether the trial's controller lives (asking the other one, it finds no
+    such controller and removes the trial's placement group)."""
+    from test_search import last_logged, logged_epochs, start_driver
+
+    epochs = 12
+    spec_path = write_spec(
+        {
+            "train": {"epochs": epochs},
+            "resources": {"max_failures": 0},
+            "search": {"num_trials": 1, "top_k": 0, "max_failures": 0},
+        }
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    log = tmp_path / "search.log"
+    newest = Path("/tmp/ray/ray_current_cluster")
+    before = newest.read_text() if newest.exists() else None
+    driver = start_driver(spec_path, tmp_path, log, ray_owner.env({"PYTHONUNBUFFERED": "1"}))
+    neighbour = RayOwner()
+    try:
+        # Once the search's own Ray is up (its GCS), before its trial trains: the other Ray
+        # starts while the trial's workers do.
+        wait_for(
+            lambda: any(gcs_server(pid) for pid in ray_owner.processes()) or driver.poll(),
+            300,
+            "the search's Ray",
+            log.read_text,
+        )
+        assert driver.poll() is None, log.read_text()[-3000:]
+        port = free_port()
+        started = subprocess.run(
+            ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={free_port()}"]
+            + ["--include-dashboard=true", "--num-cpus=0", "--disable-usage-stats"],
+            env=neighbour.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        assert newest.read_text().strip().endswith(f":{port}")  # the Ray found by default
+        training = max(logged_epochs(uri), default=0)
+        assert training <= epochs - 4, "the trial ended before the other Ray was up"
+        code = driver.wait(timeout=400)
+    finally:
+        neighbour.stop()
+        if before is None:
+            newest.unlink(missing_ok=True)
+        else:
+            newest.write_text(before)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "failed" not in text, text[-3000:]
+    assert list(last_logged(uri).values()) == [("FINISHED", epochs)], text[-3000:]

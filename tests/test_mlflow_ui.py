@@ -125,30 +125,6 @@ def mlflow_server(tmp_path: Path):
     server.stop()
 
 
-def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    """Headless Chromium, offline-quiet, with a throwaway profile."""
-    return subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=20000",  # let the SPA fetch and render the runs table
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 class DevTools:
     """Headless Chromium driven over its DevTools pipe (its fds 3 and 4, no extra dependency):
     open a page, evaluate JavaScript in it (what the page shows, not a file we wrote), take a
@@ -245,7 +221,27 @@ def png_width(data: bytes) -> int:
     return struct.unpack(">I", data[16:20])[0]
 
 
-def check_figures_and_workflow(url: str, client, experiment, parent, tmp_path: Path) -> None:
+def check_runs_listed(browser: DevTools, url: str, experiment, parent, trials, tmp_path):
+    """The experiment's runs page lists the parent and every trial by name (sorted by run name,
+    so nested runs are listed flat: sorted by date, the default, MLflow folds the trials under
+    their collapsed parent)."""
+    query = urllib.parse.urlencode(
+        {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=urllib.parse.quote
+    )
+    page = f"{url}/#/experiments/{experiment.experiment_id}/runs?{query}"
+    names = sorted(r.info.run_name for r in trials)
+    assert all(name.startswith("trial-") for name in names), names
+    wanted = [*names, parent.info.run_name, "sdd-search/tiny"]
+    ready = " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in wanted)
+    browser.open(page, f"{ready} && document.body.innerText")
+    text = browser.evaluate("document.body.innerText") or ""
+    browser.screenshot(tmp_path / "mlflow-ui.png")
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"{missing} not listed at {page}; page text: {text[:3000]}"
+    assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000
+
+
+def check_figures_and_workflow(browser: DevTools, url: str, client, experiment, parent, tmp_path):
     """The parent run's figures in the UI (listed, one shown as a loaded image) and the runs
     link the search printed in the UI's model-training views, not its GenAI overview."""
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -253,44 +249,33 @@ def check_figures_and_workflow(url: str, client, experiment, parent, tmp_path: P
     assert "figures/learning_curves.png" in figures, figures
     local = client.download_artifacts(parent.info.run_id, "figures/learning_curves.png", tmp_path)
     width = png_width(Path(local).read_bytes())
-    browser = DevTools(tmp_path / "chromium-devtools")
-    try:
-        page = (
-            f"{url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
-            "/artifacts/figures/learning_curves.png"
-        )
-        loaded = "[...document.images].filter(i => i.complete && i.naturalWidth > 0)"
-        shown = browser.open(
-            page, f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt])).includes('learning')"
-        )
-        text = browser.evaluate("document.body.innerText")
-        images = browser.evaluate(f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt]))")
-        browser.screenshot(tmp_path / "mlflow-ui-figure.png")
-        assert shown, f"no figure image loaded at {page}: {images}; page text: {text[:2000]}"
-        # Every figure is listed; the selected one is drawn at the PNG's own width.
-        assert all(Path(f).name in text for f in figures), text[:3000]
-        assert [width, "figures/learning_curves.png"] in json.loads(images), images
-        assert (tmp_path / "mlflow-ui-figure.png").stat().st_size > 10_000
+    page = (
+        f"{url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+        "/artifacts/figures/learning_curves.png"
+    )
+    loaded = "[...document.images].filter(i => i.complete && i.naturalWidth > 0)"
+    shown = browser.open(
+        page, f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt])).includes('learning')"
+    )
+    text = browser.evaluate("document.body.innerText")
+    images = browser.evaluate(f"JSON.stringify({loaded}.map(i => [i.naturalWidth, i.alt]))")
+    browser.screenshot(tmp_path / "mlflow-ui-figure.png")
+    assert shown, f"no figure image loaded at {page}: {images}; page text: {text[:2000]}"
+    # Every figure is listed; the selected one is drawn at the PNG's own width.
+    assert all(Path(f).name in text for f in figures), text[:3000]
+    assert [width, "figures/learning_curves.png"] in json.loads(images), images
+    assert (tmp_path / "mlflow-ui-figure.png").stat().st_size > 10_000
 
-        # The link the search printed: the UI's model-training views (its runs table, the
-        # model registry), not the GenAI overview (Traces, Latency, Token Usage).
-        runs = f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-        listed = len(client.search_runs([experiment.experiment_id], max_results=100))
-        ready = (
-            f"document.body.innerText.includes('{listed} matching runs') && document.body.innerText"
-        )
-        text = browser.open(runs, ready) or browser.evaluate("document.body.innerText")
-        browser.screenshot(tmp_path / "mlflow-ui-runs.png")
-        assert f"{listed} matching runs" in text, text[:3000]  # the table has loaded
-        assert "Model registry" in text and "Token Usage" not in text, text[:3000]
-        assert "Observability" not in text, text[:3000]  # the GenAI views' navigation
-    finally:
-        browser.close()
-
-
-def visible_text(dom: str) -> str:
-    dom = re.sub(r"<(script|style)\b[^>]*>.*?</\1>", " ", dom, flags=re.S | re.I)
-    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+    # The link the search printed: the UI's model-training views (its runs table, the
+    # model registry), not the GenAI overview (Traces, Latency, Token Usage).
+    runs = f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    listed = len(client.search_runs([experiment.experiment_id], max_results=100))
+    ready = f"document.body.innerText.includes('{listed} matching runs') && document.body.innerText"
+    text = browser.open(runs, ready) or browser.evaluate("document.body.innerText")
+    browser.screenshot(tmp_path / "mlflow-ui-runs.png")
+    assert f"{listed} matching runs" in text, text[:3000]  # the table has loaded
+    assert "Model registry" in text and "Token Usage" not in text, text[:3000]
+    assert "Observability" not in text, text[:3000]  # the GenAI views' navigation
 
 
 def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
@@ -301,6 +286,7 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
     train: every epoch of every trial is in MLflow exactly once, as the trials reported it.
     (2) `sdd-search report` reads the search back through the server in each format. (3) The
     MLflow UI in headless Chromium lists the trials and the parent run's figures."""
+    from test_live_view import LEAKS
     from test_report import check_report_of_a_real_search
     from test_tracking_outage import tune_epochs
 
@@ -356,6 +342,7 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
         in stdout_text
     )
     assert "registered tiny-student v1" in stdout_text, stdout_text[-3000:]
+    assert not [leak for leak in LEAKS if leak in stdout_text], stdout_text[-3000:]
 
     # (1) The trials trained while the server was away (Tune's own record of each epoch's
     # time), and MLflow holds each epoch they reported once, with the value reported.
@@ -363,6 +350,11 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
     assert len(reported) == 2
     stamps = [r["timestamp"] for epochs in reported.values() for r in epochs.values()]
     assert any(away_at <= stamp <= back_at for stamp in stamps), (away_at, back_at, stamps)
+    # The user was told, once each: the server away (the trials go on), then back.
+    (away,) = [line for line in stdout_text.splitlines() if "does not answer" in line]
+    assert away.startswith(f"tracking: the MLflow server at {url} does not answer ("), away
+    (back,) = [line for line in stdout_text.splitlines() if "answers again" in line]
+    assert re.match(rf"tracking: the MLflow server at {url} answers again after \d+ s;", back)
     experiment = client.get_experiment_by_name("sdd-search/tiny")
     runs = client.search_runs([experiment.experiment_id], "tags.`sdd_search.role` = 'trial'")
     assert sorted(r.data.tags["sdd_search.trial_id"] for r in runs) == sorted(reported)
@@ -402,27 +394,10 @@ def test_a_search_on_a_server_that_restarts_then_its_report_and_ui(
     # (3) The UI (Debian's chromium; .ci/run installs it).
     if CHROMIUM is None:
         pytest.skip("chromium not installed (apt-get install chromium): the UI part not run")
-    # The UI: the experiment's runs page sorted by run name, so nested runs are listed flat
-    # (sorted by date, the default, MLflow folds the trials under their collapsed parent).
-    query = urllib.parse.urlencode(
-        {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=urllib.parse.quote
-    )
-    page = f"{url}/#/experiments/{experiment.experiment_id}/runs?{query}"
-    names = sorted(r.info.run_name for r in trials)
-    assert all(name.startswith("trial-") for name in names), names
-    screenshot = tmp_path / "mlflow-ui.png"
-    text = ""
-    for attempt in range(3):  # a busy machine can leave a render short of the table
-        shown = chromium(
-            ["--window-size=1400,900", f"--screenshot={screenshot}", "--dump-dom", page],
-            tmp_path / f"chromium-profile-{attempt}",
-        )
-        assert shown.returncode == 0, shown.stderr[-3000:]
-        text = visible_text(shown.stdout)
-        if all(name in text for name in names):
-            break
-    missing = [name for name in names if name not in text]
-    assert not missing, f"{missing} not listed at {page}; page text: {text[:3000]}"
-    assert parent.info.run_name in text and "sdd-search/tiny" in text
-    assert screenshot.stat().st_size > 10_000
-    check_figures_and_workflow(url, client, experiment, parent, tmp_path)
+    # One Chromium, driven over its DevTools pipe, for every page.
+    browser = DevTools(tmp_path / "chromium-profile")
+    try:
+        check_runs_listed(browser, url, experiment, parent, trials, tmp_path)
+        check_figures_and_workflow(browser, url, client, experiment, parent, tmp_path)
+    finally:
+        browser.close()

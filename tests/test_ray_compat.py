@@ -7,6 +7,7 @@ from the CLI or from ``run_search()`` in Python.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -144,3 +145,27 @@ def test_the_optuna_searchers_trials_are_read_through_the_fence():
         ray_compat.optuna_search_trials(object())
     source = (Path(ray_compat.__file__).parent / "optuna_study.py").read_text()
     assert "_ot_trials" not in source
+
+
+def test_a_ray_of_the_searchs_own_points_its_workers_state_api_at_itself(monkeypatch):
+    """Train's placement-group cleaners ask the state API for their trial's controller: a local
+    Ray's workers inherit its own dashboard's address (this process's environment is put back
+    after ray.init), a joined host:port Ray's job gets RAY_ADDRESS."""
+    import socket
+
+    monkeypatch.setenv(ray_compat.API_SERVER_ENV, "http://elsewhere:1")
+    port = ray_compat.dashboard_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # free, as Ray's dashboard will need it
+    with ray_compat.local_ray_environment(port):
+        assert os.environ[ray_compat.API_SERVER_ENV] == f"http://127.0.0.1:{port}"
+    assert os.environ[ray_compat.API_SERVER_ENV] == "http://elsewhere:1"
+    with socket.socket() as taken:  # Ray's default port busy: another free one
+        with contextlib.suppress(OSError):  # or busy already
+            taken.bind(("127.0.0.1", ray_compat.DEFAULT_DASHBOARD_PORT))
+        assert ray_compat.dashboard_port() != ray_compat.DEFAULT_DASHBOARD_PORT
+    assert ray_compat.joined_ray_runtime_env("10.0.0.1:6379") == {
+        "env_vars": {"RAY_ADDRESS": "10.0.0.1:6379"}
+    }
+    assert ray_compat.joined_ray_runtime_env("auto") is None
+    assert ray_compat.joined_ray_runtime_env("ray://head:10001") is None

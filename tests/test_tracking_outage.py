@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_a_closed_port_is_unreachable_at_once_and_a_wrong_call_is_not(tmp_path):
     buffer.submit("first", lambda op: down.get_experiment_by_name("x"))
     assert time.monotonic() - started < 10  # no MLflow retries (7, backing off to minutes)
     assert list(buffer.pending) == ["first"]
-    assert "API request to" in buffer.last_error and "\n" not in buffer.last_error
+    assert buffer.last_error == "/api/2.0/mlflow/experiments/get-by-name: connection refused"
 
     store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(MlflowException) as missing:
@@ -74,19 +75,34 @@ def test_waiting_calls_are_sent_in_order_once_the_server_is_back(tmp_path):
         client.log_batch(run_id, metrics=[Metric("val_top1", float(step), 1000 + step, step)])
         sent.append(step)
 
-    buffer = TrackingBuffer(outage_seconds=60)
+    buffer = TrackingBuffer(outage_seconds=60, uri="http://mlflow:5000")
     for step in (1, 2, 3):
         buffer.submit(step, send)
     assert list(buffer.pending) == [1, 2, 3] and sent == []
+    # One line as it goes away (not one per call), one as it is back.
+    (away,) = buffer.take_notices()
+    assert away.startswith("tracking: the MLflow server at http://mlflow:5000 does not answer (")
+    assert away.endswith(
+        "; the search stops, resumable, if it stays away 60 s (tracking.outage_seconds)"
+    )
     server["uri"] = f"sqlite:///{tmp_path}/mlflow.db"  # the server is back
     assert not buffer.flush(send)  # the next try is not due yet (backoff)
+    assert buffer.take_notices() == []
     time.sleep(0.6)
     assert buffer.flush(send)
     assert sent == [1, 2, 3] and not buffer.pending
+    (back,) = buffer.take_notices()
+    assert re.fullmatch(
+        r"tracking: the MLflow server at http://mlflow:5000 answers again after \d+ s; "
+        r"sending the 3 tracking calls that waited, in order",
+        back,
+    ), back
+    buffer.submit(4, send)
+    assert sent == [1, 2, 3, 4] and buffer.take_notices() == []  # it answers: nothing to say
     # Sent again (an answer lost on the way back): the same metric, stored once.
     send(3)
     history = store.get_metric_history(run_id, "val_top1")
-    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
 
 
 def test_a_server_away_past_the_bound_stops_with_one_resumable_line():
@@ -261,3 +277,20 @@ def test_whether_a_trial_ended_is_not_waited_for_when_the_server_is_away():
     assert time.monotonic() - started < 15
     callback.ended.add("aaa01")  # ended in this driver: known without the server
     assert callback.has_ended("aaa01") is True
+
+
+def test_why_a_call_got_no_answer_is_said_in_a_few_words(tmp_path):
+    """A real refused request (a closed port) and MLflow's words for a server's 503."""
+    from mlflow.exceptions import MlflowException
+
+    from sdd_search.tracking_buffer import failing_fast, short_reason
+
+    with pytest.raises(Exception) as refused, failing_fast():
+        MlflowClient(tracking_uri=closed_port_uri()).search_experiments()
+    assert short_reason(refused.value) == "/api/2.0/mlflow/experiments/search: connection refused"
+    busy = MlflowException(
+        "API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 503 "
+        "!= 200. Response body: '<html>Service Unavailable</html>'"
+    )
+    assert short_reason(busy) == "/api/2.0/mlflow/runs/log-batch: HTTP 503"
+    assert short_reason(ValueError("something else")) == "something else"

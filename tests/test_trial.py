@@ -113,3 +113,43 @@ def test_process_start_time_is_when_the_process_began(psutil):
     )
     age = float(out.stdout)
     assert 1.0 <= age < 30.0, age
+
+
+# The error.txt Tune wrote for a trial whose placement group Ray removed (abridged: the
+# traceback's frames, the worker's fields).
+_WORKER_GROUP_ERROR = """Failure # 1 (occurred at 2026-12-03_06-50-53)
+ray::ImplicitFunc.train() (pid=15421, ip=192.0.2.2, repr=trial_driver)
+  File "ray/train/v2/api/data_parallel_trainer.py", line 195, in fit
+    raise result.error
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed.
+Worker info: Worker(
+  actor=Actor(RayTrainWorker, 8a8cacfd741be839c720810b01000000),
+  distributed_context=DistributedContext(world_rank=0, world_size=1),
+)
+The actor died unexpectedly before finishing this task.
+\tclass_name: RayTrainWorker
+\tpid: 15631
+The actor is dead because its worker process has died. Worker exit detail: Destroying worker \
+since its placement group was removed.
+"""
+
+
+def test_a_trials_reason_is_its_exception_and_the_detail_ray_gave_in_one_line():
+    from sdd_search.mlflow_callback import summarize_error
+
+    assert summarize_error(_WORKER_GROUP_ERROR) == (
+        "ray.train.WorkerGroupError: Training failed due to worker errors: A worker health "
+        "check failed. The actor died unexpectedly before finishing this task. The actor is "
+        "dead because its worker process has died. Worker exit detail: Destroying worker "
+        "since its placement group was removed."
+    )
+    # A worker's own exception, inside Ray's report: that exception's line alone.
+    raised = _WORKER_GROUP_ERROR.split("A worker health")[0] + (
+        'Traceback (most recent call last):\n  File "sdd_search/trial.py", line 3, in run\n'
+        "RuntimeError: lr 0.05: injected failure at epoch 2\n"
+    )
+    assert summarize_error(raised) == "RuntimeError: lr 0.05: injected failure at epoch 2"
+    assert summarize_error("x" * 3000 + "Error") == "x" * 1000
+    assert summarize_error("") == "unknown error"
