@@ -109,8 +109,8 @@ def search(argv: list[str]) -> int:
         print(f"sdd-search: error: {error}", file=sys.stderr)
         return 2
     except TrackingUnavailableError as error:
-        if not error.resumable:  # at the start: nothing ran
-            print(f"sdd-search: error: {error}", file=sys.stderr)
+        if not error.resumable:  # at the start: nothing ran; the field is the spec's
+            print(f"sdd-search: error: {spec_path}: {error}", file=sys.stderr)
             return 2
         again = [*([args.spec] if args.spec else []), *(f"--set={o}" for o in args.overrides)]
         command = shlex.join(["sdd-search", *again, "--resume"])

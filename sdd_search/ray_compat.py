@@ -63,19 +63,15 @@ def apply_ray_env_defaults(local_ray: bool = False) -> None:
 # in its workers' environment (the state API reads RAY_API_SERVER_ADDRESS first), and a Ray it
 # joins at host:port gets RAY_ADDRESS in the job's runtime environment.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-DEFAULT_DASHBOARD_PORT = 8265  # Ray's own default, where a user looks first
 
 
 def dashboard_port(host: str = "127.0.0.1") -> int:
-    """Ray's default dashboard port where it is free on ``host``, else a free port."""
-    for port in (DEFAULT_DASHBOARD_PORT, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise OSError(f"no free port on {host} for Ray's dashboard")
+    """A free port on ``host`` for the dashboard of a Ray this search starts. Not Ray's default
+    8265: a Ray given a port does not move to the next free one, and another Ray starting at
+    the same moment would try 8265 too (the loser fails and leaves its GCS running)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

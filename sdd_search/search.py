@@ -100,7 +100,8 @@ def _run_search(spec: Spec, *, resume: bool, address: str | None, spec_text: str
     for name, loss in missing().items():
         log(f"warning: this Ray lacks {name} (sdd_search/ray_compat.py): {loss}")
     info, teacher_state = _prepare_teacher(spec.trial)
-    tuning.start_ray(address)
+    if dashboard := tuning.start_ray(address):
+        log(f"ray: a local Ray of this search's own; its dashboard at {dashboard}")
     teacher = tuning.put_teacher(teacher_state)
     tracker, callback = _start_tracking(spec, spec_text)
     head = tuning.head_memory() if address else None

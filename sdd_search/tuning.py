@@ -34,15 +34,17 @@ from sdd_search.spec import Spec
 DRIVER_SIDE_BYTES = 600 * 2**20
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None) -> str | None:
     """Join the Ray at ``address`` (e.g. "auto"), or start a fresh local one when None; a
-    Ray this process already joined is kept as it is."""
+    Ray this process already joined is kept as it is. Returns the URL of the dashboard of a
+    Ray it started (None otherwise)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     # Warnings, or less where the caller raised Ray's logger (the CLI hides Ray's chatter).
     level = max(logging.WARNING, logging.getLogger("ray").level)
+    dashboard = None
     if address:
         runtime_env = ray_compat.joined_ray_runtime_env(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=level)
@@ -54,14 +56,16 @@ def start_ray(address: str | None) -> None:
         ray_compat.apply_ray_env_defaults(local_ray=True)  # the local raylet's workers inherit
         port = ray_compat.dashboard_port()
         with ray_compat.local_ray_environment(port):
-            ray.init(
+            context = ray.init(
                 address="local",
                 include_dashboard=True,
                 dashboard_port=port,
                 log_to_driver=False,
                 logging_level=level,
             )
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
     stopping.reinstall()  # ray.init replaced the SIGTERM handler with sys.exit
+    return dashboard
 
 
 def put_teacher(teacher_state: dict) -> dict:

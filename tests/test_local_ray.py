@@ -3,6 +3,7 @@ other one, and a search keeps its trials when another Ray starts beside its own.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,4 +129,9 @@ def test_a_search_keeps_its_trial_when_another_ray_starts_beside_it(
     text = log.read_text()
     assert code == 0, text[-3000:]
     assert "failed" not in text, text[-3000:]
+    # The search says where its own Ray's dashboard is (not Ray's default 8265, which a Ray
+    # starting at the same moment could take first).
+    (line,) = [t for t in text.splitlines() if t.startswith("ray: a local Ray")]
+    assert re.fullmatch(r"ray: a local Ray of this search's own; its dashboard at "
+                        r"http://127\.0\.0\.1:\d+", line), line  # fmt: skip
     assert list(last_logged(uri).values()) == [("FINISHED", epochs)], text[-3000:]

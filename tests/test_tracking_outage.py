@@ -154,7 +154,8 @@ def test_the_cli_refuses_an_unreachable_tracking_server_in_one_line_before_ray(
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()  # one line, no traceback
     assert line.startswith(
-        f"sdd-search: error: tracking.uri: the MLflow server at {uri} does not answer "
+        f"sdd-search: error: {spec_path}: tracking.uri: the MLflow server at {uri} does not "
+        "answer "
         f"(GET {uri}/health: "
     )
     assert "Connection refused" in line and line.endswith("point tracking.uri at one that runs")
