@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _set_up_output(verbose: bool) -> None:
     """Ray's environment, before Ray is imported (the live view's module imports it); without
-    -v, no chatter from Ray, Optuna or MLflow (sdd_search.live_view.hide_chatter)."""
+    -v, no chatter from Ray, Optuna or MLflow (sdd_search.chatter.hide_chatter)."""
     from sdd_search.ray_compat import apply_ray_env_defaults
 
     apply_ray_env_defaults()
     if not verbose:
-        from sdd_search.live_view import hide_chatter
+        from sdd_search.chatter import hide_chatter
 
         hide_chatter()
 

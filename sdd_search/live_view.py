@@ -14,14 +14,13 @@ knobs, an epoch progress bar, current and best score, how it ended)::
 
 Anywhere else (CI, ``| tee``, a cluster log) it prints one plain line per event: a trial
 started with its knobs, each epoch's score, a trial completed, stopped or failed.
-:func:`hide_chatter` keeps Ray's, Optuna's and MLflow's informational logs out of both.
+:func:`sdd_search.chatter.hide_chatter` keeps Ray's, Optuna's and MLflow's informational logs
+out of both.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from statistics import median
@@ -30,46 +29,10 @@ from typing import Any
 from ray.tune import Callback
 
 from sdd_search.space import BASE_SPECIFIC, config_of, searched_params, trial_display_name
+from sdd_search.trial import RESTORE_KEY
 
 NAN = float("nan")
-# Ray's warnings a user acts on (a trial that cannot be placed), kept when the rest of Ray's
-# log is hidden; each shown in one line.
-KEPT_RAY_WARNINGS = ("ray.tune.execution.insufficient_resources_manager",)
 _FINISHED_STATES = ("completed", "stopped", "failed")
-
-
-def hide_chatter() -> None:
-    """Hide Ray's, Optuna's and MLflow's informational logs (``sdd-search`` without ``-v``).
-
-    Ray's logger shows errors (Tune's none: the view reports failed trials), and the warnings
-    of :data:`KEPT_RAY_WARNINGS` in one line; Optuna's and MLflow's show warnings. Call after Ray is imported (its import configures its
-    logger); :func:`sdd_search.tuning.start_ray` keeps the level through ``ray.init``.
-    """
-    import optuna
-
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    # Tune logs a failed trial's traceback as an error: the view says it in one line.
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    for name in KEPT_RAY_WARNINGS:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.WARNING)
-        if not any(isinstance(f, OneLine) for f in logger.filters):
-            logger.addFilter(OneLine())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-    # Nor the two lines ("View run ... at: URL", "View experiment at: URL") MLflow writes to
-    # stdout for every run it ends on a tracking server: the search prints its runs' link once.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
-class OneLine(logging.Filter):
-    """Joins a log record's message into one line (the record is still emitted)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = " ".join(record.getMessage().split())
-        record.msg, record.args = message, None
-        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +132,12 @@ class StageProgress:
         self.peak_running = max(self.peak_running, self.running)
         verb = "resumed" if resumed else "started"
         return f"{self._prefix(row)} {verb}" + (f": {format_knobs(knobs)}" if knobs else "")
+
+    def restored(self, trial_id: str, result: dict) -> str | None:
+        """The line for a trial resumed past an unreadable checkpoint (torn, or not a trial's):
+        which it fell back to, or that it restarted (the first result after the restart says)."""
+        row, note = self.rows.get(trial_id), result.get(RESTORE_KEY)
+        return f"{self._prefix(row)} {note}" if row is not None and note else None
 
     def result(self, trial_id: str, result: dict) -> str | None:
         row = self.rows.get(trial_id)
@@ -548,6 +517,7 @@ class LiveView(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id not in self.progress.rows:  # restored without a start
             self._say(self.progress.start(*self._describe(trial), trials=trials, resumed=True))
+        self._tell(self.progress.restored(trial.trial_id, result))
         self._say(self.progress.result(trial.trial_id, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -590,9 +560,19 @@ class LiveView(Callback):
         return trial.trial_id, name, searched_params(config), self._epochs[trial.trial_id]
 
     def _say(self, line: str | None) -> None:
+        """A plain line per event where there is no live view (the view shows it otherwise)."""
         if line is None or self._live is not None:
             return
         print(line, flush=True)
+
+    def _tell(self, line: str | None) -> None:
+        """A line the user must read either way: above the live view, or as a plain line."""
+        if line is None:
+            return
+        if self._live is not None:
+            self._console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
 
 
 def _error_line(trial) -> str:

@@ -30,7 +30,7 @@ from local_ray import OWNER
 from mlflow import MlflowClient
 from rich.console import Console
 
-from sdd_search import live_view, tuning
+from sdd_search import chatter, tuning
 from sdd_search.data import build_datasets_and_loaders
 from sdd_search.live_view import LiveView, StageProgress, format_seconds, render
 from sdd_search.space import FINAL_KEY, FINAL_ROLE, ROLE_KEY, TRIAL_KEY
@@ -136,6 +136,25 @@ def test_plain_lines_one_per_event(write_spec, tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_trial_resumed_past_a_torn_checkpoint_says_so_in_one_line(write_spec, capsys, terminal):
+    """The first result after a restart that found its newest checkpoint unreadable carries
+    what the trial did about it: one line, plain or above the live view, never only a tag."""
+    view, base = search_view(write_spec, Clock(), terminal=terminal)
+    a = stand_in("aaaa0001", base, scales="1,2", temperature=4.0, complementary_weight=2.0)
+    view.setup(total_num_samples=1)
+    view.on_trial_restore(0, [a], a)
+    note = (
+        "checkpoint_2026-12-03_07-19-00.85 was unreadable (truncated or corrupt file); "
+        "resumed from checkpoint_2026-12-03_07-19-00.24, epoch 1"
+    )
+    view.on_trial_result(0, [a], a, {"epoch": 1, "replayed": True, "worker/restore": note})
+    view.on_trial_result(0, [a], a, {"epoch": 2, "val_top1": 50.0, "train_loss": 1.0})
+    view.close()
+    said = [line for line in capsys.readouterr().out.splitlines() if "unreadable" in line]
+    assert said == [f"[search] trial-aaaa0001 {note}"], said
+
+
 def screen(progress: StageProgress, width: int = 160) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=True)
     console.print(render(progress, 50, width))
@@ -146,7 +165,7 @@ def test_time_left_counts_each_trials_start_up_once():
     """4 trials x 4 epochs, 2 at a time, 20 s start-up and 5 s an epoch: once a trial has two
     epochs timed, the time left is the epochs left at 5 s plus a start-up per waiting trial."""
     clock = Clock()
-    stage = live_view.StageProgress("final", "tiny", "val_top1", "max", [], 4, total=4, clock=clock)
+    stage = StageProgress("final", "tiny", "val_top1", "max", [], 4, total=4, clock=clock)
     stage.start("a", "a", {}, 4)
     stage.start("b", "b", {}, 4)
     clock.now += 25  # start-up + the first epoch
@@ -300,12 +319,12 @@ def test_chatter_is_hidden_but_warnings_that_matter_stay_in_one_line():
     before = ray_logger.level, optuna.logging.get_verbosity()
     ray_logger.addHandler(handler)
     try:
-        live_view.hide_chatter()
+        chatter.hide_chatter()
         logging.getLogger("ray._private.authentication").warning("Token authentication is on")
         logging.getLogger("ray.tune.tune").info("Total run time: 3 s")
         logging.getLogger("ray.tune.execution.tune_controller").error("Trial task failed")
         logging.getLogger("ray._private.worker").error("listen_error_messages: gone")
-        kept = logging.getLogger(live_view.KEPT_RAY_WARNINGS[0])
+        kept = logging.getLogger(chatter.KEPT_RAY_WARNINGS[0])
         kept.warning("No trial is running.\nYou asked for 4 CPUs per trial,\n  the cluster has 2.")
         assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     finally:

@@ -134,9 +134,12 @@ def _final_runs(uri: str, experiment: str = "sdd-search/tiny") -> list:
     return client.search_runs([exp.experiment_id], "tags.`sdd_search.role` = 'final'")
 
 
-def _assert_torn_runs_said_what_they_did(runs: Path, final: list, ahead: str, behind: str):
+def _assert_torn_runs_said_what_they_did(
+    runs: Path, final: list, ahead: str, behind: str, printed: str
+):
     """The run ahead fell back to its previous checkpoint, the one behind restarted, each in
-    one line on its MLflow run and in the results Tune got (with its first epoch after)."""
+    one line on its MLflow run, in the results Tune got (with its first epoch after) and in
+    what the resumed search printed."""
     by_trial = {r.data.tags["sdd_search.trial_id"]: r for r in final}
     checkpoint = r"checkpoint_[\d_.-]+"
     fell_back = by_trial[ahead].data.tags.get("sdd_search.restore", "")
@@ -159,6 +162,7 @@ def _assert_torn_runs_said_what_they_did(runs: Path, final: list, ahead: str, be
         result_file = runs / "tiny" / "final" / name / "result.json"
         results = [json.loads(line) for line in result_file.read_text().splitlines()]
         assert {r["worker/restore"] for r in results if "worker/restore" in r} == {tag}
+        assert f"\n[final] {name} {tag}\n" in printed, printed[-3000:]
 
 
 _REPORT_ROW = re.compile(
@@ -270,7 +274,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(
     ]
     assert all("test_top1" not in r.data.metrics for r in searched)
     final = [r for r in children if r.data.tags["sdd_search.role"] == "final"]
-    _assert_torn_runs_said_what_they_did(tmp_path / "runs", final, ahead, behind)
+    _assert_torn_runs_said_what_they_did(tmp_path / "runs", final, ahead, behind, result.stdout)
     # (b, c) exactly one run per (configuration, seed), each with its test score
     pairs = sorted(
         (r.data.tags["sdd_search.final_entry"], r.data.tags["sdd_search.seed"]) for r in final
