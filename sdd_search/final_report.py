@@ -56,9 +56,16 @@ class Summary:
     paper_top1: float | None = None  # the paper's published number, where pair and recipe match
 
     @property
+    def no_spread(self) -> bool:
+        """Every paired seed differs from plain KD by the same amount (a small test split moves
+        in steps of one image): the t-interval has zero width and says nothing."""
+        return self.diff_n >= 2 and math.isclose(self.diff_low, self.diff_high, abs_tol=1e-9)
+
+    @property
     def separable_from_kd(self) -> bool | None:
-        """True/False when the interval excludes/includes 0; None without an interval."""
-        if self.diff_n < 2 or math.isnan(self.diff_low):
+        """True/False when the interval excludes/includes 0; None without an interval (fewer
+        than 2 paired seeds, or differences with no spread)."""
+        if self.diff_n < 2 or math.isnan(self.diff_low) or self.no_spread:
             return None
         return not (self.diff_low <= 0.0 <= self.diff_high)
 
@@ -191,7 +198,13 @@ def verdicts(report: FinalReport) -> list[str]:
         if s.entry.role == KD:
             continue
         separable = s.separable_from_kd
-        if separable is None:
+        if s.no_spread:
+            lines.append(
+                f"{s.entry.name}: each of its {s.diff_n} seeds differs from plain KD by the same "
+                f"{s.diff_mean:+.2f} points; with no spread there is no interval, so this run "
+                "cannot separate it from KD (more seeds, or a larger test split)"
+            )
+        elif separable is None:
             lines.append(
                 f"{s.entry.name}: fewer than 2 paired seeds with plain KD; no interval, "
                 "so this run cannot separate it from KD"

@@ -220,8 +220,9 @@ class StageProgress:
     def seconds_left(self) -> float | None:
         """Time left at the pace measured so far: seconds per epoch (between a trial's own
         epoch reports, so start-up is not counted per epoch) and each trial's start-up (start
-        to first epoch, less one epoch), spread over the trials that run at once. None until
-        some trial has reported two fresh epochs. An upper bound where ASHA stops trials."""
+        to first epoch, less one epoch; what is left of it for a trial still starting), spread
+        over the trials that run at once. None until some trial has reported two fresh epochs.
+        An upper bound where ASHA stops trials."""
         paced = [r for r in self.rows.values() if r.fresh_epochs >= 2]
         if not paced:
             return None
@@ -232,6 +233,10 @@ class StageProgress:
         startup = max(0.0, median(r.first_epoch_at - r.started_at for r in started) - per_epoch)
         unfinished = [r for r in self.rows.values() if r.state not in _FINISHED_STATES]
         work = sum(max(0, r.epochs - r.epoch) for r in unfinished) * per_epoch
+        now = self.clock()
+        for row in unfinished:  # started, no epoch yet: what is left of its start-up
+            if math.isnan(row.first_epoch_at):
+                work += max(0.0, startup - (now - row.started_at))
         waiting = max(0, self.total - self.done - len(unfinished))  # not started yet
         work += waiting * (startup + self.epochs * per_epoch)
         return work / max(1, self.peak_running, self.running)

@@ -66,6 +66,24 @@ def test_single_seed_has_no_interval_and_says_so():
     assert t_interval([1.0])[1] != t_interval([1.0])[1]  # NaN bound
 
 
+def test_differences_with_no_spread_claim_nothing():
+    """Two seeds, each one test image (0.28 points of 359) above KD (to float rounding): a
+    zero-width interval, not a finding."""
+    top1 = {n: 100 * n / 359 for n in (347, 348, 349)}  # as evaluate() computes them
+    same = [
+        FinalEntry("finalist-1", "finalist", {}, "t1", 95.0, {0: top1[349], 1: top1[348]}),
+        FinalEntry("kd", "kd", {}, "", math.nan, {0: top1[348], 1: top1[347]}),
+    ]
+    report = summarise(same, metric="val_top1", mode="max")
+    assert report.summary("finalist-1").separable_from_kd is None
+    text = format_report(report)
+    assert "above plain KD" not in text
+    assert (
+        "finalist-1: each of its 2 seeds differs from plain KD by the same +0.28 points; with no "
+        "spread there is no interval, so this run cannot separate it from KD" in text
+    )
+
+
 @pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
 def test_every_format_carries_the_same_numbers(fmt):
     report = summarise(entries(), metric="val_top1", mode="max", paper={"kd": 74.07})

@@ -181,6 +181,10 @@ def test_time_left_counts_each_trials_start_up_once():
     stage.result("a", {"epoch": 4, "train_loss": 1.0, "replayed": True})  # no fresh epoch
     stage.complete("a", {"epoch": 4})
     assert stage.seconds_left() == pytest.approx((2 * 5 + 2 * (20 + 4 * 5)) / 2)
+    # c starts in a's place; 8 s on, no epoch yet: 12 s of its start-up are left, and its epochs.
+    stage.start("c", "c", {}, 4)
+    clock.now += 8
+    assert stage.seconds_left() == pytest.approx((2 * 5 + (12 + 4 * 5) + (20 + 4 * 5)) / 2)
 
 
 def test_the_terminal_picture(write_spec, tmp_path, capsys):
