@@ -11,7 +11,7 @@ quickstart: install  ## the main job on the embedded default: a search on digits
 # tests/conftest.py) run one at a time on one worker, in order, each with its own Ray that it
 # alone stops (tests/local_ray.py), timing its kills by the epochs a search logged; the fast
 # ones (no Ray) run on the other worker meanwhile. `-m slow` or `-m "not slow"` runs one half.
-test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~8 min on 2 cores)
+test: install  ## the whole suite (real Ray, MLflow, Optuna, S3, tmux, Chromium; ~9 min on 2 cores)
 	python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 lint:
