@@ -571,12 +571,9 @@ class LiveView(Callback):
         print(line, flush=True)
 
     def _tell(self, line: str | None) -> None:
-        """A line the user must read either way: above the live view, or as a plain line."""
-        if line is None:
-            return
-        if self._live is not None:
-            self._console.print(line, markup=False, highlight=False, soft_wrap=True)
-        else:
+        """A line the user must read either way: above the live view (it redirects stdout
+        there), or as a plain line."""
+        if line is not None:
             print(line, flush=True)
 
 

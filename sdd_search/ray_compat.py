@@ -17,6 +17,8 @@ import socket
 import warnings
 from collections.abc import Iterator
 
+from sdd_search.environ import overridden
+
 # Read when Ray (ray.train, ray._private) is imported or a Tuner fits: set before either.
 RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",  # Train V2: the trainers and callbacks below are V2's
@@ -79,15 +81,8 @@ def local_ray_environment(port: int, host: str = "127.0.0.1") -> Iterator[None]:
     """While ``ray.init`` starts a local Ray whose dashboard listens on ``host:port``: its
     raylet, and so every worker of it, inherits this process's environment with the state
     API pointed at that dashboard. This process's own environment is put back after."""
-    before = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://{host}:{port}"
-    try:
+    with overridden({API_SERVER_ENV: f"http://{host}:{port}"}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = before
 
 
 def joined_ray_runtime_env(address: str) -> dict | None:

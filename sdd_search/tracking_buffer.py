@@ -19,7 +19,6 @@ and value, and tags and params are set to the same values.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 import urllib.error
@@ -27,6 +26,8 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from sdd_search.environ import overridden
 
 FIRST_RETRY_DELAY = 0.5  # seconds before the first retry; doubled after each failure
 MAX_RETRY_DELAY = 10.0  # seconds, at most, between two tries
@@ -129,16 +130,8 @@ def failing_fast() -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_SECONDS),
     }
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
+    with overridden(settings):
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class TrackingBuffer:

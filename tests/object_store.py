@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
+
+from sdd_search.environ import overridden
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -76,17 +77,11 @@ def s3_server() -> Iterator[S3Server]:
     logger.addHandler(access)
     level, logger.level = logger.level, logging.INFO
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        yield S3Server(endpoint, env, access, client)
+        with overridden(env):
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            yield S3Server(endpoint, env, access, client)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         logger.removeHandler(access)
         logger.level = level
         server.stop()
