@@ -17,6 +17,7 @@ import re
 import socket
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,35 @@ def resolve_tracking_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).expanduser().resolve())
     return uri
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Make a new sqlite store whole before any other process can open it.
+
+    MLflow creates a missing sqlite store in whichever process opens it first, by running its
+    migrations in place; two processes doing it at once (two searches started together on one
+    ``mlflow.db``, or ``mlflow ui`` opened as a search starts) both migrate and one fails
+    (``table ... already exists``). So the store is built in a file beside it and linked into
+    place only whole: another process sees no store, or a complete one. A store that exists
+    already, or a URI that is not a sqlite file, is left alone."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() or str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
+    try:  # (sqlite makes the file, with the permissions MLflow's own store would have)
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow's migration chatter
+            store = SqlAlchemyStore(f"sqlite:///{building}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        store.engine.dispose()
+        with contextlib.suppress(FileExistsError):  # another process's store came first: it
+            os.link(building, path)  # is whole too (made the same way), and it is the one
+    finally:
+        building.unlink(missing_ok=True)
 
 
 def runs_page(uri: str, experiment_id: str) -> str:
@@ -121,6 +151,7 @@ class SearchTracker:
         self, uri: str, experiment: str, search_id: str, artifact_location: str | None = None
     ):
         self.uri = resolve_tracking_uri(uri)
+        create_sqlite_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         existing = self.client.get_experiment_by_name(experiment)
         if existing is None:

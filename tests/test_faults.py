@@ -29,6 +29,8 @@ import yaml
 from conftest import TINY_SPEC, deep_update
 from mlflow import MlflowClient
 
+from sdd_search.tracking import create_sqlite_store
+
 pytestmark = pytest.mark.slow
 
 TRAINER = {"trainer": 1}
@@ -107,6 +109,7 @@ def write_spec(shared: Path, name: str, updates: dict, space: dict | None = None
 
 def mlflow_client(shared: Path) -> MlflowClient:
     uri = f"sqlite:///{shared}/mlflow.db"
+    create_sqlite_store(uri)  # a driver may be creating it now: the two would clash in place
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

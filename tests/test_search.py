@@ -17,6 +17,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from sdd_search.tracking import create_sqlite_store
+
 pytestmark = pytest.mark.slow
 
 
@@ -68,10 +70,17 @@ def child_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     return parents[0], children
 
 
+def store_client(uri: str) -> MlflowClient:
+    """A client of the store a running driver may be creating at the same moment (MLflow's own
+    client creates a missing sqlite store in place: two processes doing it at once clash)."""
+    create_sqlite_store(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def last_logged(uri: str, role: str = "trial", metric: str = "val_top1") -> dict:
     """Each run of one role, as the driver logs them: trial id -> (its MLflow status, the last
     epoch MLflow holds of ``metric``)."""
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri)
     experiment = client.get_experiment_by_name("sdd-search/tiny")
     if experiment is None:
         return {}
@@ -127,7 +136,7 @@ def _write_colour_cifar10(root: Path, per_class: int = 80, test: int = 100) -> N
 
 
 def _final_runs(uri: str, experiment: str = "sdd-search/tiny") -> list:
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -223,7 +232,7 @@ def test_final_stage_reads_test_once_and_survives_a_kill(
         }
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = store_client(uri)
     driver = start_driver(
         spec_path, tmp_path, tmp_path / "first.log", ray_owner.env({"PYTHONUNBUFFERED": "1"})
     )
