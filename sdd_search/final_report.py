@@ -224,6 +224,18 @@ def verdicts(report: FinalReport) -> list[str]:
     return lines
 
 
+def _difference(s: Summary) -> str:
+    """The table's paired difference to plain KD: its mean and 95% interval, or why there is no
+    interval (one paired seed; every seed the same difference, a zero-width interval)."""
+    if math.isnan(s.diff_mean):
+        return "n/a"
+    if s.no_spread:
+        return f"{s.diff_mean:+.2f} (no spread, no interval)"
+    if s.diff_n < 2 or math.isnan(s.diff_low):
+        return f"{s.diff_mean:+.2f} ({s.diff_n} seed, no interval)"
+    return f"{s.diff_mean:+.2f} [{_fmt(s.diff_low)}, {_fmt(s.diff_high)}]"
+
+
 def format_report(report: FinalReport, fmt: str = "table") -> str:
     """The report as an aligned text table, a markdown table, csv or json."""
     rows = report_rows(report)
@@ -266,19 +278,12 @@ def format_report(report: FinalReport, fmt: str = "table") -> str:
     body = []
     for r, s in zip(rows, report.summaries, strict=True):
         name = r["name"] + (" *champion*" if r["champion"] else "")
-        diff = (
-            "(reference)"
-            if r["role"] == KD
-            else f"{s.diff_mean:+.2f} [{_fmt(s.diff_low)}, {_fmt(s.diff_high)}]"
-            if not math.isnan(s.diff_mean)
-            else "n/a"
-        )
         body.append(
             [
                 name,
                 _fmt(r[f"selection_{report.metric}"]),
                 f"{_fmt(s.mean)} ± {_fmt(s.std)} ({s.n})",
-                diff,
+                "(reference)" if r["role"] == KD else _difference(s),
                 "n/a" if s.paper_top1 is None else f"{s.paper_top1:.2f} (published)",
                 _knobs(r["knobs"]) or "(spec values)",
             ]

@@ -63,6 +63,7 @@ def test_single_seed_has_no_interval_and_says_so():
     text = format_report(summarise(one, metric="val_top1", mode="max"))
     assert "cannot separate it from KD" in text
     assert "70.00 ± n/a (1)" in text
+    assert "-1.00 (1 seed, no interval)" in text and "[n/a" not in text
     assert t_interval([1.0])[1] != t_interval([1.0])[1]  # NaN bound
 
 
@@ -78,6 +79,8 @@ def test_differences_with_no_spread_claim_nothing():
     assert report.summary("finalist-1").separable_from_kd is None
     text = format_report(report)
     assert "above plain KD" not in text
+    # The table's cell says so too (it showed the zero-width "+0.28 [0.28, 0.28]")
+    assert "+0.28 (no spread, no interval)" in text and "[0.28, 0.28]" not in text
     assert (
         "finalist-1: each of its 2 seeds differs from plain KD by the same +0.28 points; with no "
         "spread there is no interval, so this run cannot separate it from KD" in text
