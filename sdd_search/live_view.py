@@ -166,7 +166,15 @@ class StageProgress:
         row = self.rows.get(trial_id)
         if row is None:
             return None
-        last = last or {}
+        self._settle(row, last or {})
+        self._recount(trials, finished=1)
+        said = "completed"
+        if row.state == "stopped":
+            why = row.note if row.note.startswith("by ") else f"({row.note})"
+            said = f"stopped {why} after epoch {row.epoch} of {row.epochs}"
+        return f"{self._prefix(row)} {said}: {self._scores(row)} · {self._tally()}"
+
+    def _settle(self, row: TrialRow, last: dict) -> None:
         row.epoch = max(row.epoch, int(last.get("epoch") or 0))
         if last.get("nonfinite_loss"):
             row.state = "stopped"
@@ -175,12 +183,17 @@ class StageProgress:
             row.state, row.note = "completed", ""
         else:
             row.state, row.note = "stopped", "by ASHA" if self.asha else "by the scheduler"
-        self._recount(trials, finished=1)
-        said = "completed"
-        if row.state == "stopped":
-            why = row.note if row.note.startswith("by ") else f"({row.note})"
-            said = f"stopped {why} after epoch {row.epoch} of {row.epochs}"
-        return f"{self._prefix(row)} {said}: {self._scores(row)} · {self._tally()}"
+
+    def ended_before(self, trial_id, name, knobs, epochs, last: dict, best=NAN, failure=None):
+        """A trial that ended before this run of the stage (a resume): its row as it ended,
+        from Tune's trial (no line: it was said when it happened)."""
+        row = self.rows[trial_id] = TrialRow(name, knobs, epochs, order=-len(self.rows) - 1)
+        row.loss = float(last.get("train_loss", NAN))
+        row.score = float(last.get(self.score_key, NAN))
+        row.best = row.score if math.isnan(best) else best
+        self._settle(row, last)
+        if failure is not None:
+            row.state, row.note = "failed", failure
 
     def error(self, trial_id: str, reason: str, trials=None, retrying=False) -> str | None:
         row = self.rows.get(trial_id)
@@ -444,11 +457,8 @@ def _state_text(row: TrialRow) -> str:
 
 def _row_knobs(row: TrialRow, knobs: list[str]) -> list[str]:
     base = row.knobs.get("base")
-    cells = []
-    for knob in knobs:
-        unused = knob in BASE_SPECIFIC and base and BASE_SPECIFIC[knob] != base
-        cells.append("-" if knob not in row.knobs or unused else format_value(row.knobs[knob]))
-    return cells
+    unused = {k for k in knobs if k in BASE_SPECIFIC and base and BASE_SPECIFIC[k] != base}
+    return ["-" if k not in row.knobs or k in unused else format_value(row.knobs[k]) for k in knobs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,8 +520,16 @@ class LiveView(Callback):
         else:
             self._say(self.progress.begin())
 
-    def on_step_end(self, iteration, trials, **info):
+    def on_step_begin(self, iteration, trials, **info):
+        for trial in trials:  # ended before a resume: Tune says nothing more of them
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.progress.rows:
+                scores = trial.metric_analysis.get(self.progress.score_key, {})
+                failure = _error_line(trial) if trial.status == "ERROR" else None
+                last, best = trial.last_result or {}, scores.get(self.progress.mode, NAN)
+                self.progress.ended_before(*self._describe(trial), last, best, failure)
         self.progress.count(trials)
+
+    on_step_end = on_step_begin
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(self.progress.start(*self._describe(trial), trials=trials))
@@ -532,11 +550,10 @@ class LiveView(Callback):
         self._say(self.progress.error(trial.trial_id, _error_line(trial), trials))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        line = self.progress.error(trial.trial_id, _error_line(trial), trials, retrying=True)
-        self._say(line)
+        self._say(self.progress.error(trial.trial_id, _error_line(trial), trials, retrying=True))
 
     def on_experiment_end(self, trials, **info):
-        self.progress.count(trials)
+        self.on_step_begin(0, trials)  # a stage that had ended before the resume: no step
         self.close()
 
     def close(self) -> None:

@@ -161,6 +161,61 @@ def screen(progress: StageProgress, width: int = 160) -> str:
     return console.file.getvalue()
 
 
+def test_a_resumed_stage_shows_the_trials_that_ended_before_it(write_spec, tmp_path, capsys):
+    """On --resume Tune says nothing more of a trial that had ended (no start, no result): its
+    row comes from Tune's trial as it ended (last epoch and score, its best, how it ended), among
+    the restored ones; no line is printed for it again. It showed "trials 2/2 done" over one
+    row."""
+    clock = Clock()
+    view, base = search_view(write_spec, clock)
+    done = stand_in("aaaa0001", base, scales="1,2", temperature=4.0, complementary_weight=2.0)
+    done.status, done.last_result = "TERMINATED", {"epoch": 2, "val_top1": 61.5, "train_loss": 1.0}
+    done.metric_analysis = {"val_top1": {"max": 63.25, "min": 50.0, "last": 61.5}}
+    asha = stand_in("bbbb0002", base, scales="1", temperature=5.2193, complementary_weight=2.6)
+    asha.status, asha.last_result = "TERMINATED", {"epoch": 1, "val_top1": 40.0}
+    asha.metric_analysis = {"val_top1": {"max": 40.0}}
+    failed = stand_in("cccc0003", base, scales="1", temperature=1.5, complementary_weight=3.0)
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\nValueError: bad\n")
+    failed.status, failed.error_file, failed.metric_analysis = (
+        "ERROR",
+        str(tmp_path / "error.txt"),
+        {},
+    )
+    running = stand_in("dddd0004", base, scales="1", temperature=2.0, complementary_weight=1.0)
+    trials = [done, asha, failed, running]
+    view.setup(total_num_samples=4)
+    view.on_step_begin(0, trials)
+    view.on_trial_restore(0, trials, running)
+    progress = view.progress
+    rows = {
+        r.name: (r.epoch, f"{r.score:.2f}", f"{r.best:.2f}", r.state, r.note)
+        for r in progress.shown_rows(9)
+    }
+    assert rows == {
+        "trial-dddd0004": (0, "nan", "nan", "running", ""),
+        "trial-aaaa0001": (2, "61.50", "63.25", "completed", ""),
+        "trial-bbbb0002": (1, "40.00", "40.00", "stopped", "by ASHA"),
+        "trial-cccc0003": (0, "nan", "nan", "failed", "ValueError: bad"),
+    }
+    assert [r.name for r in progress.shown_rows(9)][0] == "trial-dddd0004"  # running first
+    assert (progress.done, progress.running, progress.total) == (3, 1, 4)
+    assert progress.best_row().name == "trial-aaaa0001"
+    picture = screen(progress)
+    assert re.search(r"^trial-aaaa0001 .* 2/2 +61\.50% +63\.25% +1 +completed", picture, re.M)
+    assert re.search(r"^trial-cccc0003 .* failed: ValueError: bad", picture, re.M), picture
+    said = capsys.readouterr().out.splitlines()
+    assert said == [
+        "[search] tiny: 4 trials",
+        "[search] trial-dddd0004 resumed: scales=[1] temperature=2 complementary_weight=1",
+    ]
+    # A stage that had ended whole before the resume: Tune runs no step, only its end.
+    again, _ = search_view(write_spec, clock)
+    again.setup(total_num_samples=4)
+    running.status, running.last_result, running.metric_analysis = "TERMINATED", {"epoch": 2}, {}
+    again.on_experiment_end(trials)
+    assert len(again.progress.rows) == 4 and again.progress.done == 4
+
+
 def test_time_left_counts_each_trials_start_up_once():
     """4 trials x 4 epochs, 2 at a time, 20 s start-up and 5 s an epoch: once a trial has two
     epochs timed, the time left is the epochs left at 5 s plus a start-up per waiting trial."""
