@@ -539,7 +539,8 @@ def test_a_search_stopped_by_ctrl_c_and_resumed_in_a_terminal(
         marks = f"SDD_SEARCH_CACHE={teacher_cache} {OWNER}={ray_owner.token}"
         command = f"env {marks} {sys.executable} -m sdd_search"
         terminal.start(f"{command} {spec_path} --resume", tmp_path)
-        during = terminal.wait_for(r"^trial-\w+ ")  # the first trial's row
+        # A running trial's row (one that had ended before the Ctrl-C shows from the first step)
+        during = terminal.wait_for(r"^trial-\w+ .* running\s*$")
         done = terminal.wait_for(r"^EXIT=", everything=True, timeout=400)
     finally:
         terminal.close()
