@@ -78,8 +78,13 @@ def create_sqlite_store(uri: str) -> None:
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow's migration chatter
             store = SqlAlchemyStore(f"sqlite:///{building}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
         store.engine.dispose()
-        with contextlib.suppress(FileExistsError):  # another process's store came first: it
-            os.link(building, path)  # is whole too (made the same way), and it is the one
+        try:
+            os.link(building, path)  # fails if another process's store came first: it is
+        except FileExistsError:  # whole too (made the same way), and it is the one
+            pass
+        except OSError:  # a file system without hard links: a move, unless one came first
+            if not path.exists():
+                os.replace(building, path)
     finally:
         building.unlink(missing_ok=True)
 

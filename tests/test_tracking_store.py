@@ -64,3 +64,21 @@ def test_a_store_is_made_whole_once_and_an_existing_one_is_left_alone(tmp_path):
     assert os.listdir(tmp_path) == ["mlflow.db"]
     create_sqlite_store(f"file://{tmp_path}/runs")  # not a sqlite store: nothing is made
     assert os.listdir(tmp_path) == ["mlflow.db"]
+
+
+def test_a_file_system_without_hard_links_still_gets_a_whole_store(tmp_path, monkeypatch):
+    """Some file systems (FAT, some network mounts) refuse hard links (EPERM): the store built
+    beside is moved into place instead."""
+    import errno
+
+    import sdd_search.tracking as tracking
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted", str(source))
+
+    monkeypatch.setattr(tracking.os, "link", no_links)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    SearchTracker(uri, "sdd-search/nolinks", str(tmp_path / "runs"))
+    assert os.listdir(tmp_path) == ["mlflow.db"]
+    names = [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()]
+    assert sorted(names) == ["Default", "sdd-search/nolinks"]
