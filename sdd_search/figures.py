@@ -25,7 +25,7 @@ import numpy as np
 
 from sdd_search import final_stage, leaderboard
 from sdd_search.spec import Spec
-from sdd_search.tracking import TAG_ROLE, TAG_TRIAL
+from sdd_search.tracking import TAG_ROLE, TAG_TRIAL, sqlite_file
 from sdd_search.tuning import optuna_storage_url  # where the search keeps its study
 
 FIGURE_FOLDER = "figures"  # under the experiment path, and in the parent run's artifacts
@@ -116,7 +116,7 @@ def _load_study(spec: Spec, log):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = optuna_storage_url(spec)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if (path := sqlite_file(url)) is not None and not path.is_file():
         log(f"figures from Optuna: skipped (no study at {url})")  # never create an empty one
         return None
     try:

@@ -37,6 +37,7 @@ from sdd_search.tracking import (
     TAG_TRIAL,
     resolve_tracking_uri,
     runs_page,
+    sqlite_file,
 )
 
 FORMATS = final_report.FORMATS  # table | markdown | csv | json
@@ -149,8 +150,8 @@ def open_search(spec: Spec) -> SearchRecord:
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(spec.tracking.uri)
-    store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if store is not None and not Path(store).is_file():  # never create an empty store
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():  # never create an empty store
         raise ReportError(
             f"no search {spec.name!r}: no MLflow store at {store} (tracking.uri); run it "
             "first: sdd-search SPEC.yaml"

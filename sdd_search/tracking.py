@@ -55,6 +55,16 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///...`` URL; None for another database or an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def create_sqlite_store(uri: str) -> None:
     """Make a new sqlite store whole before any other process can open it.
 
@@ -67,10 +77,8 @@ def create_sqlite_store(uri: str) -> None:
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///"))
-    if path.exists() or str(path) in ("", ":memory:"):
+    path = sqlite_file(uri)
+    if path is None or path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     building = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"

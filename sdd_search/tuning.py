@@ -98,19 +98,11 @@ def optuna_storage_url(spec: Spec) -> str:
     return f"sqlite:///{folder}/{OPTUNA_DB}"
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a ``sqlite:///...`` URL; None for another database or an in-memory one."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
 def optuna_study_exists(spec: Spec) -> bool:
     """Whether the search's Optuna storage already holds its study (never creates a sqlite
     file). Raises ValueError, with the driver's reason, for a storage it cannot open."""
+    from sdd_search.tracking import sqlite_file
+
     url = optuna_storage_url(spec)
     path = sqlite_file(url)
     if path is not None and not path.exists():
@@ -236,6 +228,7 @@ def _searcher(spec: Spec):
     import optuna
 
     from sdd_search.optuna_study import StudySearch
+    from sdd_search.tracking import sqlite_file
 
     seed = spec.search.seed
     sampler = {

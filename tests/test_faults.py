@@ -28,8 +28,7 @@ import pytest
 import yaml
 from conftest import TINY_SPEC, deep_update
 from mlflow import MlflowClient
-
-from sdd_search.tracking import create_sqlite_store
+from test_search import store_client
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +107,7 @@ def write_spec(shared: Path, name: str, updates: dict, space: dict | None = None
 
 
 def mlflow_client(shared: Path) -> MlflowClient:
-    uri = f"sqlite:///{shared}/mlflow.db"
-    create_sqlite_store(uri)  # a driver may be creating it now: the two would clash in place
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return store_client(f"sqlite:///{shared}/mlflow.db")  # a driver may be creating it now
 
 
 def search_runs(client: MlflowClient, name: str) -> tuple[object, list]:

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from sdd_search import tuning
 from sdd_search.search import SearchError, run_search
 from sdd_search.spec import SpecError, load_spec
+from sdd_search.tracking import sqlite_file
 
 
 def study_of(spec) -> optuna.Study:
@@ -88,7 +89,7 @@ def test_the_study_survives_a_resume(write_spec):
 def test_a_new_search_never_joins_an_old_study(write_spec):
     spec = load_spec(write_spec({"search": {"optuna_storage": None}}))
     url = tuning.optuna_storage_url(spec)
-    tuning.sqlite_file(url).parent.mkdir(parents=True)
+    sqlite_file(url).parent.mkdir(parents=True)
     optuna.create_study(study_name=spec.name, storage=url)
     with pytest.raises(SearchError, match="an Optuna study 'tiny' already exists in sqlite:///"):
         run_search(spec, log=lambda *_: None)
